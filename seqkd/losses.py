@@ -1,0 +1,685 @@
+"""Token-level distillation losses: pure functions of logits and labels.
+
+Every public function takes logits of shape ``[..., V]`` and, where it needs them, ``labels`` of shape
+``[...]`` that are already aligned with the logits (the caller shifts; shift the *labels* of a causal LM,
+e.g. ``labels[:, 1:]`` padded with ``ignore_index``, rather than slicing the logits, which would copy them).
+Each returns a :class:`LossOutput` whose ``.loss`` is differentiable with respect to the student's logits and
+whose ``.parts`` are detached, named components for logging, reduced the same way as the loss.
+
+Teacher logits are constants: no gradient flows to them, as in every distillation recipe.
+
+Memory: the losses are computed in chunks of tokens inside a custom autograd function. The forward pass
+keeps only per-token values; the backward pass recomputes each chunk's softmaxes and writes the gradient
+straight into one logits-sized buffer. Forward + backward therefore needs the gradient (which must exist
+anyway) plus a few chunk-sized temporaries, never several full-size copies of the logits. All arithmetic is
+in float32 (float64 for float64 inputs), whatever the logits' dtype.
+
+Reductions: ``"mean"`` divides the sum over non-ignored tokens by their number, or by ``num_items_in_batch``
+when given (so that gradient accumulation normalises over the whole accumulated batch, as transformers'
+``Trainer`` does); ``"sum"``; ``"none"`` returns per-token values of the labels' shape, 0 where ignored.
+A batch whose tokens are all ignored has loss 0 and a zero gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DIVERGENCES",
+    "LOSS_NAMES",
+    "LossOutput",
+    "cwtm_loss",
+    "distillation_loss",
+    "dkd_loss",
+    "dkpp_loss",
+    "kd_loss",
+    "label_smoothed_cross_entropy",
+]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+LOSS_NAMES = ("ce", "ls", "kd", "ban", "dkd", "cwtm", "dkpp")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Elements of one chunk of logits (16 MiB in float32): small enough that the temporaries stay cheap, large
+# enough that each kernel call amortises the Python overhead.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class LossOutput:
+    """A loss and its named, detached components (``parts``), reduced the same way as the loss."""
+
+    loss: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: every check runs before any computation.
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not (isinstance(epsilon, (int, float)) and 0 <= epsilon < 1):
+        raise ValueError(f"epsilon (label smoothing) must be in [0, 1), got {epsilon!r}")
+
+
+def _check_logits(name: str, logits: Tensor) -> None:
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+
+
+def _check_inputs(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    chunk_size: int | None,
+) -> None:
+    _check_logits("student_logits", student_logits)
+    vocab_size = student_logits.shape[-1]
+    if teacher_logits is not None:
+        _check_logits("teacher_logits", teacher_logits)
+        if teacher_logits.shape[-1] != vocab_size:
+            raise ValueError(
+                f"teacher vocabulary size ({teacher_logits.shape[-1]}) differs from the student's ({vocab_size}): "
+                "distil between models that share one tokenizer, or map the vocabularies first"
+            )
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits shape {tuple(teacher_logits.shape)} differs from student_logits shape "
+                f"{tuple(student_logits.shape)}: feed both models the same batch"
+            )
+        if teacher_logits.device != student_logits.device:
+            raise ValueError(
+                f"teacher_logits are on {teacher_logits.device} but student_logits on {student_logits.device}: "
+                "move the teacher to the student's device"
+            )
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+        if labels.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} must equal the logits' shape without the vocabulary "
+                f"dimension, {tuple(student_logits.shape[:-1])}; align them first (for a causal LM shift the "
+                "labels: labels[..., 1:] against logits[..., :-1, :])"
+            )
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        if bad.any():
+            value = labels[bad][0].item()
+            raise ValueError(
+                f"label {value} is outside [0, {vocab_size}) and is not ignore_index ({ignore_index}): "
+                "check the tokenizer matches the model's vocabulary, or mark padding with ignore_index"
+            )
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-chunk kernels. Each takes float32/64 student logits ``s`` [n, V], teacher logits ``t`` [n, V] (or None),
+# labels ``y`` [n] (ignored positions replaced by 0), an optional per-token tensor ``aux`` [n], the loss'
+# parameters and ``grad_scale``: None in the forward pass, else the upstream gradient per token [n]. It returns
+# (per-token loss [n], per-token parts [k, n], gradient w.r.t. ``s`` [n, V] or None).
+
+
+# Log-probabilities are floored at a finite value so that a zero probability (a -inf logit, or a softmax that
+# underflows) contributes 0 * finite = 0 to a KL term instead of 0 * inf = NaN. Any log-probability below the
+# floor is zero to every float type.
+_LOG_FLOOR = -1e30
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _floored_log_softmax(x: Tensor) -> Tensor:
+    return torch.log_softmax(x, dim=-1).clamp_(min=_LOG_FLOOR)
+
+
+def _kl_rows(prob: Tensor, log_prob: Tensor, log_other: Tensor) -> Tensor:
+    """``sum_v prob * (log_prob - log_other)`` per row, as one fused multiply-sum."""
+    return torch.linalg.vecdot(prob, log_prob - log_other)
+
+
+def _kd_kernel(s, t, y, aux, params, grad_scale):
+    temperature, divergence, jsd_beta = params["temperature"], params["divergence"], params["jsd_beta"]
+    if divergence == "jsd" and jsd_beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and jsd_beta == 1.0:
+        divergence = "reverse_kl"
+    log_p = _floored_log_softmax(_scaled(s, temperature))
+    log_q = _floored_log_softmax(_scaled(t, temperature))
+    t2 = temperature * temperature
+    if divergence == "forward_kl":
+        q = log_q.exp()
+        loss = t2 * _kl_rows(q, log_q, log_p)
+        if grad_scale is None:
+            return loss, loss[None], None
+        # d/ds of T^2 KL(q || softmax(s/T)) = T (p - q)
+        grad = (log_p.exp() - q).mul_((temperature * grad_scale)[:, None])
+        return loss, loss[None], grad
+    p = log_p.exp()
+    if divergence == "reverse_kl":
+        # dKL(p||q)/dp_j = log p_j - log q_j + 1; the constant vanishes through the softmax Jacobian.
+        dloss_dp = log_p - log_q
+        loss = t2 * _kl_rows(p, log_p, log_q)
+    else:
+        beta = jsd_beta
+        log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
+        q = log_q.exp()
+        loss = t2 * (beta * _kl_rows(q, log_q, log_m) + (1 - beta) * _kl_rows(p, log_p, log_m))
+        # dJSD/dp_j = (1 - beta) log(p_j / m_j): the terms through m cancel.
+        dloss_dp = (1 - beta) * (log_p - log_m)
+    if grad_scale is None:
+        return loss, loss[None], None
+    centred = dloss_dp - (p * dloss_dp).sum(-1, keepdim=True)
+    grad = centred.mul_(p).mul_((temperature * grad_scale)[:, None])
+    return loss, loss[None], grad
+
+
+def _dkd_kernel(s, t, y, aux, params, grad_scale):
+    temperature, alpha, beta = params["temperature"], params["alpha"], params["beta"]
+    s, t = _scaled(s, temperature), _scaled(t, temperature)
+    target = y[:, None]
+    # Exact renormalisation over the non-target classes: mask the target logit out of the softmax.
+    s_nt = s.scatter(1, target, -math.inf)
+    t_nt = t.scatter(1, target, -math.inf)
+    lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+    lse_s_nt, lse_t_nt = torch.logsumexp(s_nt, -1), torch.logsumexp(t_nt, -1)
+    log_pt_s = s.gather(1, target)[:, 0] - lse_s  # log p_target
+    log_pt_t = t.gather(1, target)[:, 0] - lse_t
+    log_rest_s = lse_s_nt - lse_s  # log (1 - p_target), accurate when p_target is near 1
+    log_rest_t = lse_t_nt - lse_t
+    # Log of the non-target distributions; floored, since they are -inf at the target.
+    log_hat_s = (s_nt - lse_s_nt[:, None]).clamp_(min=_LOG_FLOOR)
+    log_hat_t = (t_nt - lse_t_nt[:, None]).clamp_(min=_LOG_FLOOR)
+    pt_t, rest_t = log_pt_t.exp(), log_rest_t.exp()
+    # Per-token terms: the guards are cheap here and keep a certain teacher (rest_t = 0) finite.
+    tckd = torch.where(pt_t > 0, pt_t * (log_pt_t - log_pt_s), 0.0) + torch.where(
+        rest_t > 0, rest_t * (log_rest_t - log_rest_s), 0.0
+    )
+    q_hat = log_hat_t.exp()
+    nckd = _kl_rows(q_hat, log_hat_t, log_hat_s)
+    t2 = temperature * temperature
+    tckd, nckd = t2 * tckd, t2 * nckd
+    loss = alpha * tckd + beta * nckd
+    parts = torch.stack([tckd, nckd])
+    if grad_scale is None:
+        return loss, parts, None
+    # dTCKD/ds: p_t - pT_t at the target, p^_j (pT_t - p_t) elsewhere; dNCKD/ds: p^_j - q^_j off the target.
+    pt_s = log_pt_s.exp()
+    p_hat = log_hat_s.exp()
+    grad = p_hat * (alpha * (pt_t - pt_s) + beta)[:, None] - beta * q_hat
+    grad.scatter_(1, target, (alpha * (pt_s - pt_t))[:, None])
+    grad.mul_((temperature * grad_scale)[:, None])
+    return loss, parts, grad
+
+
+def _ce_kernel(s, t, y, aux, params, grad_scale):
+    """Label-smoothed cross-entropy, PyTorch's convention (epsilon spread over all V classes).
+
+    With ``aux`` (CWTM) each token's loss and gradient are multiplied by ``aux``.
+    """
+    epsilon = params["epsilon"]
+    vocab_size = s.shape[-1]
+    log_p = torch.log_softmax(s, dim=-1)
+    nll = -log_p.gather(1, y[:, None])[:, 0]
+    if epsilon > 0:
+        smooth = -log_p.mean(-1)
+        loss = (1 - epsilon) * nll + epsilon * smooth
+        parts = torch.stack([nll, smooth])
+    else:
+        loss, parts = nll, nll[None]
+    if aux is not None:
+        loss = loss * aux
+        parts = torch.cat([loss[None], parts])
+    if grad_scale is None:
+        return loss, parts, None
+    scale = grad_scale if aux is None else grad_scale * aux
+    grad = log_p.exp_()
+    if epsilon > 0:
+        grad.sub_(epsilon / vocab_size)
+    grad.scatter_add_(1, y[:, None], torch.full_like(nll[:, None], -(1 - epsilon)))
+    grad.mul_(scale[:, None])
+    return loss, parts, grad
+
+
+def _permute_except_argmax(q: Tensor, generator: torch.Generator) -> Tensor:
+    """Randomly permute each row's probabilities among its non-argmax positions; the argmax keeps its own."""
+    argmax = q.argmax(-1, keepdim=True)
+    keys = torch.rand(q.shape, generator=generator, device=q.device, dtype=q.dtype)
+    keys.scatter_(1, argmax, -1.0)
+    shuffled = keys.argsort(-1)  # argmax first, the others in random order
+    in_order = torch.arange(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q).clone()
+    in_order.scatter_(1, argmax, -1.0)
+    positions = in_order.argsort(-1)  # argmax first, the others in index order
+    return torch.empty_like(q).scatter_(1, positions, q.gather(1, shuffled))
+
+
+def _dkpp_kernel(s, t, y, aux, params, grad_scale):
+    temperature = params["temperature"]
+    generator = torch.Generator(device=s.device)
+    generator.manual_seed(params["seed"] + params["chunk_start"])
+    log_p = _floored_log_softmax(_scaled(s, temperature))
+    q = _permute_except_argmax(torch.softmax(_scaled(t, temperature), dim=-1), generator)
+    t2 = temperature * temperature
+    loss = -t2 * torch.linalg.vecdot(q, log_p)
+    if grad_scale is None:
+        return loss, loss[None], None
+    grad = log_p.exp_().sub_(q).mul_((temperature * grad_scale)[:, None])
+    return loss, loss[None], grad
+
+
+def _max_probability(teacher_logits: Tensor, temperature: float, chunk_rows: int) -> Tensor:
+    compute_dtype = _compute_dtype(teacher_logits.dtype)
+    out = torch.empty(teacher_logits.shape[0], dtype=compute_dtype, device=teacher_logits.device)
+    for start in range(0, teacher_logits.shape[0], chunk_rows):
+        t = teacher_logits[start : start + chunk_rows].to(compute_dtype) / temperature
+        out[start : start + chunk_rows] = (t.amax(-1) - torch.logsumexp(t, -1)).exp()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The chunked autograd function shared by every loss.
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(vocab_size: int, chunk_size: int | None) -> int:
+    return chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // vocab_size)
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """Per-token loss values and parts of ``kernel`` over ``[N, V]`` logits, computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, valid, aux, kernel, params, chunk_rows, num_parts):
+        compute_dtype = _compute_dtype(student.dtype)
+        n = student.shape[0]
+        losses = torch.zeros(n, dtype=compute_dtype, device=student.device)
+        parts = torch.zeros(num_parts, n, dtype=compute_dtype, device=student.device)
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            loss, chunk_parts, _ = kernel(
+                *_chunk_args(student, teacher, labels, aux, start, stop, compute_dtype),
+                dict(params, chunk_start=start),
+                None,
+            )
+            losses[start:stop] = loss
+            parts[:, start:stop] = chunk_parts
+        losses.mul_(valid)
+        parts.mul_(valid)
+        ctx.save_for_backward(student, teacher, labels, valid, aux)
+        ctx.kernel, ctx.params, ctx.chunk_rows = kernel, params, chunk_rows
+        ctx.mark_non_differentiable(parts)
+        return losses, parts
+
+    @staticmethod
+    def backward(ctx, grad_losses, grad_parts):
+        student, teacher, labels, valid, aux = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        compute_dtype = _compute_dtype(student.dtype)
+        grad_scale = (grad_losses * valid).to(compute_dtype)
+        grad = torch.empty_like(student)
+        for start in range(0, student.shape[0], ctx.chunk_rows):
+            stop = min(start + ctx.chunk_rows, student.shape[0])
+            _, _, chunk_grad = ctx.kernel(
+                *_chunk_args(student, teacher, labels, aux, start, stop, compute_dtype),
+                dict(ctx.params, chunk_start=start),
+                grad_scale[start:stop],
+            )
+            grad[start:stop] = chunk_grad
+        return (grad,) + (None,) * 8
+
+
+def _chunk_args(student, teacher, labels, aux, start, stop, compute_dtype):
+    return (
+        student[start:stop].to(compute_dtype),
+        None if teacher is None else teacher[start:stop].to(compute_dtype),
+        labels[start:stop],
+        None if aux is None else aux[start:stop],
+    )
+
+
+def _token_loss(
+    kernel: Callable,
+    part_names: tuple[str, ...],
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    params: dict,
+    *,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    chunk_size: int | None,
+    aux_fn: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+) -> LossOutput:
+    """Flatten, run ``kernel`` chunk by chunk through the autograd function, and reduce."""
+    token_shape = student_logits.shape[:-1]
+    vocab_size = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab_size)
+    teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, vocab_size)
+    if labels is None:
+        valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
+        flat_labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)
+    else:
+        flat_labels = labels.reshape(-1).to(device=student.device, dtype=torch.long)
+        valid = flat_labels != ignore_index
+        flat_labels = flat_labels.masked_fill(~valid, 0)
+    chunk_rows = _chunk_rows(vocab_size, chunk_size)
+    aux = None if aux_fn is None else aux_fn(teacher, valid, chunk_rows)
+    losses, parts = _ChunkedTokenLoss.apply(
+        student, teacher, flat_labels, valid, aux, kernel, params, chunk_rows, len(part_names)
+    )
+    loss = _reduce(losses, valid, reduction, num_items_in_batch, token_shape)
+    reduced_parts = {
+        name: _reduce(part, valid, reduction, num_items_in_batch, token_shape).detach()
+        for name, part in zip(part_names, parts)
+    }
+    return LossOutput(loss=loss, parts=reduced_parts)
+
+
+def _reduce(values: Tensor, valid: Tensor, reduction: str, num_items_in_batch, token_shape) -> Tensor:
+    if reduction == "none":
+        return values.reshape(token_shape)
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    denominator = valid.sum() if num_items_in_batch is None else num_items_in_batch
+    if isinstance(denominator, Tensor):
+        denominator = denominator.to(device=total.device, dtype=total.dtype).clamp(min=1)
+    else:
+        denominator = max(denominator, 1)
+    return total / denominator
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public losses.
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """Knowledge distillation (Hinton et al., 2015) between softened distributions, times ``temperature**2``.
+
+    ``divergence``:
+      - ``"forward_kl"``: KL(p_T || p_S), the classic KD (mass-covering).
+      - ``"reverse_kl"``: KL(p_S || p_T) (mode-seeking).
+      - ``"jsd"``: generalised Jensen-Shannon divergence with mixture m = jsd_beta * p_T + (1 - jsd_beta) * p_S,
+        ``jsd_beta * KL(p_T || m) + (1 - jsd_beta) * KL(p_S || m)``; at the end points, where that value
+        vanishes, it is defined (as in GKD and TRL) as forward KL for ``jsd_beta = 0`` and reverse KL for
+        ``jsd_beta = 1``.
+
+    ``labels`` are optional and only mark ignored tokens. Parts: ``"kd"``.
+    """
+    _check_inputs(student_logits, teacher_logits, labels, ignore_index, reduction, chunk_size)
+    _check_temperature(temperature)
+    _check_choice("divergence", divergence, DIVERGENCES)
+    if not (isinstance(jsd_beta, (int, float)) and 0 <= jsd_beta <= 1):
+        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
+    params = {"temperature": float(temperature), "divergence": divergence, "jsd_beta": float(jsd_beta)}
+    return _token_loss(
+        _kd_kernel, ("kd",), student_logits, teacher_logits, labels, params,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``, each times ``temperature**2``.
+
+    TCKD is the KL between the binary distributions (p_target, 1 - p_target) of teacher and student; NCKD the
+    KL between their distributions renormalised exactly over the non-target classes (no "-1000" trick).
+    With V = 2 NCKD is 0. Identity: KL(p_T || p_S) = TCKD + (1 - p_T[target]) * NCKD.
+    Parts: ``"tckd"`` and ``"nckd"`` (each times ``temperature**2``, before ``alpha`` and ``beta``).
+    """
+    if labels is None:
+        raise ValueError("dkd_loss needs labels: the target class splits each distribution into TCKD and NCKD")
+    _check_inputs(student_logits, teacher_logits, labels, ignore_index, reduction, chunk_size)
+    _check_temperature(temperature)
+    _check_non_negative("alpha", alpha)
+    _check_non_negative("beta", beta)
+    if student_logits.shape[-1] < 2:
+        raise ValueError(f"dkd_loss needs a vocabulary of at least 2 classes, got {student_logits.shape[-1]}")
+    params = {"temperature": float(temperature), "alpha": float(alpha), "beta": float(beta)}
+    return _token_loss(
+        _dkd_kernel, ("tckd", "nckd"), student_logits, teacher_logits, labels, params,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def label_smoothed_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    epsilon: float = 0.1,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """Cross-entropy against ``(1 - epsilon) * one_hot(label) + epsilon / V``.
+
+    Equals ``torch.nn.functional.cross_entropy(..., label_smoothing=epsilon)``. Parts: ``"nll"`` (the plain
+    cross-entropy) and, when ``epsilon > 0``, ``"smooth"`` (the mean negative log-probability over the
+    vocabulary), so that ``loss = (1 - epsilon) * nll + epsilon * smooth``.
+    """
+    if labels is None:
+        raise ValueError("label_smoothed_cross_entropy needs labels")
+    _check_inputs(logits, None, labels, ignore_index, reduction, chunk_size)
+    _check_epsilon(epsilon)
+    names = ("nll", "smooth") if epsilon > 0 else ("nll",)
+    return _token_loss(
+        _ce_kernel, names, logits, None, labels, {"epsilon": float(epsilon)},
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def cwtm_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """Born-Again CWTM (Furlanello et al., 2018, Eq. 10): confidence-weighted teacher max.
+
+    Gold-label cross-entropy with each token weighted by the teacher's maximum probability, the weights
+    normalised over the non-ignored tokens of the batch. Per token the value is
+    ``max_v p_T / mean_u(max_v p_T) * CE``, so the ``"mean"`` reduction gives exactly
+    ``sum_s [max p_T(s) / sum_u max p_T(u)] * CE_s``. Parts: ``"cwtm"`` and ``"nll"`` (unweighted CE).
+    """
+    if labels is None:
+        raise ValueError("cwtm_loss needs labels: it weights the gold-label cross-entropy")
+    _check_inputs(student_logits, teacher_logits, labels, ignore_index, reduction, chunk_size)
+    _check_temperature(temperature)
+
+    def confidence_weights(teacher: Tensor, valid: Tensor, chunk_rows: int) -> Tensor:
+        confidence = _max_probability(teacher, float(temperature), chunk_rows) * valid
+        return confidence / (confidence.sum() / valid.sum().clamp(min=1)).clamp(min=torch.finfo(confidence.dtype).tiny)
+
+    return _token_loss(
+        _ce_kernel, ("cwtm", "nll"), student_logits, teacher_logits, labels, {"epsilon": 0.0},
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size, aux_fn=confidence_weights,
+    )  # fmt: skip
+
+
+def dkpp_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """Born-Again DKPP (Furlanello et al., 2018, Eq. 11): dark-knowledge with permuted predictions.
+
+    Soft cross-entropy ``-sum_v q~_v log p_S,v`` (times ``temperature**2``) towards the teacher's distribution
+    whose non-argmax probabilities are randomly permuted per token; the argmax probability stays in place, so
+    the distribution's moments survive while which classes are alike is destroyed. ``generator`` seeds the
+    permutation. ``labels`` are optional and only mark ignored tokens. Parts: ``"dkpp"``.
+    """
+    _check_inputs(student_logits, teacher_logits, labels, ignore_index, reduction, chunk_size)
+    _check_temperature(temperature)
+    # One seed per call; each chunk derives its permutation from it, so the backward pass can rebuild it.
+    seed_device = "cpu" if generator is None else generator.device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=seed_device))
+    params = {"temperature": float(temperature), "seed": seed}
+    return _token_loss(
+        _dkpp_kernel, ("dkpp",), student_logits, teacher_logits, labels, params,
+        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The combinator the trainer calls.
+
+
+def distillation_loss(
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor,
+    *,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    label_smoothing: float | None = None,
+    temperature: float | None = None,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    generator: torch.Generator | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """``ce_weight * gold-label term + kd_weight * distillation term``, with every part.
+
+    ``name``:
+      - ``"ce"``: gold-label cross-entropy alone (label-smoothed when ``label_smoothing > 0``); no teacher.
+      - ``"ls"``: label-smoothed cross-entropy alone, ``label_smoothing`` defaulting to 0.1; no teacher.
+      - ``"kd"``: gold term + :func:`kd_loss` (``divergence``, ``jsd_beta``).
+      - ``"ban"``: Born-Again BAN+L, gold term + forward-KL :func:`kd_loss` (the same computation as ``"kd"``).
+      - ``"dkd"``: gold term + :func:`dkd_loss` (``alpha``, ``beta``).
+      - ``"cwtm"``: gold term + :func:`cwtm_loss` (set ``ce_weight=0`` for the paper's CWTM alone).
+      - ``"dkpp"``: gold term + :func:`dkpp_loss` (``generator``).
+
+    ``temperature`` defaults to 4 for ``"dkd"`` (the DKD paper) and 1 otherwise. A weight of 0 skips that
+    term. Parts: ``"ce"`` (the gold term; with label smoothing also ``"nll"``), the distillation term under
+    the loss' name (``"kd"``, ``"dkd"``, ``"cwtm"``, ``"dkpp"``), and that loss' own parts (``"tckd"``,
+    ``"nckd"``). Each part is unweighted; ``loss`` is the weighted sum.
+    """
+    _check_choice("loss name", name, LOSS_NAMES)
+    _check_non_negative("ce_weight", ce_weight)
+    _check_non_negative("kd_weight", kd_weight)
+    if label_smoothing is None:
+        label_smoothing = 0.1 if name == "ls" else 0.0
+    _check_epsilon(label_smoothing)
+    if temperature is None:
+        temperature = 4.0 if name == "dkd" else 1.0
+    _check_temperature(temperature)
+    uses_teacher = name not in ("ce", "ls")
+    if uses_teacher and teacher_logits is None and kd_weight > 0:
+        raise ValueError(f"loss {name!r} needs teacher_logits; use 'ce' or 'ls' to train from labels alone")
+    common = {
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "num_items_in_batch": num_items_in_batch,
+        "chunk_size": chunk_size,
+    }
+    terms: list[tuple[float, LossOutput]] = []
+    parts: dict[str, Tensor] = {}
+    if not uses_teacher or ce_weight > 0:
+        gold = label_smoothed_cross_entropy(student_logits, labels, epsilon=label_smoothing, **common)
+        parts["ce"] = gold.loss.detach()
+        if label_smoothing > 0:
+            parts["nll"] = gold.parts["nll"]
+        terms.append((1.0 if not uses_teacher else ce_weight, gold))
+    if uses_teacher and kd_weight > 0:
+        if name in ("kd", "ban"):
+            divergence_used = "forward_kl" if name == "ban" else divergence
+            term = kd_loss(
+                student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence_used,
+                jsd_beta=jsd_beta, **common,
+            )  # fmt: skip
+        elif name == "dkd":
+            term = dkd_loss(
+                student_logits, teacher_logits, labels, alpha=alpha, beta=beta, temperature=temperature, **common
+            )
+        elif name == "cwtm":
+            term = cwtm_loss(student_logits, teacher_logits, labels, temperature=temperature, **common)
+        else:
+            term = dkpp_loss(
+                student_logits, teacher_logits, labels, generator=generator, temperature=temperature, **common
+            )
+        parts["kd" if name == "ban" else name] = term.loss.detach()
+        parts.update({k: v for k, v in term.parts.items() if k not in ("kd", "dkpp", "cwtm", "nll")})
+        terms.append((kd_weight, term))
+    loss = sum(weight * term.loss for weight, term in terms)
+    if not terms:  # both weights 0: a zero loss that still backpropagates
+        loss = student_logits.sum() * 0.0
+    return LossOutput(loss=loss, parts=parts)
