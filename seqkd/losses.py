@@ -8,10 +8,10 @@ whose ``.parts`` are detached, named components for logging, reduced the same wa
 
 Teacher logits are constants: no gradient flows to them, as in every distillation recipe.
 
-Memory: the losses are computed in chunks of tokens inside a custom autograd function. The forward pass
-keeps only per-token values; the backward pass recomputes each chunk's softmaxes and writes the gradient
-straight into one logits-sized buffer. Forward + backward therefore needs the gradient (which must exist
-anyway) plus a few chunk-sized temporaries, never several full-size copies of the logits. All arithmetic is
+Memory: the losses are computed in chunks of tokens inside a custom autograd function, which writes each
+chunk's gradient straight into one logits-sized buffer during the forward pass (when the student needs a
+gradient) and scales it in place in the backward pass. Forward + backward therefore needs the gradient
+(which must exist anyway) plus a few chunk-sized temporaries, never several full-size copies of the logits. All arithmetic is
 in float32 (float64 for float64 inputs), whatever the logits' dtype.
 
 Reductions: ``"mean"`` divides the sum over non-ignored tokens by their number, or by ``num_items_in_batch``
@@ -142,8 +142,8 @@ def _check_inputs(
 # ----------------------------------------------------------------------------------------------------------
 # Per-chunk kernels. Each takes float32/64 student logits ``s`` [n, V], teacher logits ``t`` [n, V] (or None),
 # labels ``y`` [n] (ignored positions replaced by 0), an optional per-token tensor ``aux`` [n], the loss'
-# parameters and ``grad_scale``: None in the forward pass, else the upstream gradient per token [n]. It returns
-# (per-token loss [n], per-token parts [k, n], gradient w.r.t. ``s`` [n, V] or None).
+# parameters and ``want_grad``. It returns (per-token loss [n], per-token parts [k, n], and when ``want_grad``
+# the gradient of each token's loss w.r.t. its logits ``s`` [n, V], else None).
 
 
 # Log-probabilities are floored at a finite value so that a zero probability (a -inf logit, or a softmax that
@@ -165,7 +165,7 @@ def _kl_rows(prob: Tensor, log_prob: Tensor, log_other: Tensor) -> Tensor:
     return torch.linalg.vecdot(prob, log_prob - log_other)
 
 
-def _kd_kernel(s, t, y, aux, params, grad_scale):
+def _kd_kernel(s, t, y, aux, params, want_grad):
     temperature, divergence, jsd_beta = params["temperature"], params["divergence"], params["jsd_beta"]
     if divergence == "jsd" and jsd_beta == 0.0:
         divergence = "forward_kl"
@@ -177,10 +177,12 @@ def _kd_kernel(s, t, y, aux, params, grad_scale):
     if divergence == "forward_kl":
         q = log_q.exp()
         loss = t2 * _kl_rows(q, log_q, log_p)
-        if grad_scale is None:
+        if not want_grad:
             return loss, loss[None], None
         # d/ds of T^2 KL(q || softmax(s/T)) = T (p - q)
-        grad = (log_p.exp() - q).mul_((temperature * grad_scale)[:, None])
+        grad = log_p.exp_().sub_(q)
+        if temperature != 1.0:
+            grad.mul_(temperature)
         return loss, loss[None], grad
     p = log_p.exp()
     if divergence == "reverse_kl":
@@ -194,14 +196,16 @@ def _kd_kernel(s, t, y, aux, params, grad_scale):
         loss = t2 * (beta * _kl_rows(q, log_q, log_m) + (1 - beta) * _kl_rows(p, log_p, log_m))
         # dJSD/dp_j = (1 - beta) log(p_j / m_j): the terms through m cancel.
         dloss_dp = (1 - beta) * (log_p - log_m)
-    if grad_scale is None:
+    if not want_grad:
         return loss, loss[None], None
     centred = dloss_dp - (p * dloss_dp).sum(-1, keepdim=True)
-    grad = centred.mul_(p).mul_((temperature * grad_scale)[:, None])
+    grad = centred.mul_(p)
+    if temperature != 1.0:
+        grad.mul_(temperature)
     return loss, loss[None], grad
 
 
-def _dkd_kernel(s, t, y, aux, params, grad_scale):
+def _dkd_kernel(s, t, y, aux, params, want_grad):
     temperature, alpha, beta = params["temperature"], params["alpha"], params["beta"]
     s, t = _scaled(s, temperature), _scaled(t, temperature)
     target = y[:, None]
@@ -228,18 +232,19 @@ def _dkd_kernel(s, t, y, aux, params, grad_scale):
     tckd, nckd = t2 * tckd, t2 * nckd
     loss = alpha * tckd + beta * nckd
     parts = torch.stack([tckd, nckd])
-    if grad_scale is None:
+    if not want_grad:
         return loss, parts, None
     # dTCKD/ds: p_t - pT_t at the target, p^_j (pT_t - p_t) elsewhere; dNCKD/ds: p^_j - q^_j off the target.
     pt_s = log_pt_s.exp()
     p_hat = log_hat_s.exp()
     grad = p_hat * (alpha * (pt_t - pt_s) + beta)[:, None] - beta * q_hat
     grad.scatter_(1, target, (alpha * (pt_s - pt_t))[:, None])
-    grad.mul_((temperature * grad_scale)[:, None])
+    if temperature != 1.0:
+        grad.mul_(temperature)
     return loss, parts, grad
 
 
-def _ce_kernel(s, t, y, aux, params, grad_scale):
+def _ce_kernel(s, t, y, aux, params, want_grad):
     """Label-smoothed cross-entropy, PyTorch's convention (epsilon spread over all V classes).
 
     With ``aux`` (CWTM) each token's loss and gradient are multiplied by ``aux``.
@@ -257,14 +262,14 @@ def _ce_kernel(s, t, y, aux, params, grad_scale):
     if aux is not None:
         loss = loss * aux
         parts = torch.cat([loss[None], parts])
-    if grad_scale is None:
+    if not want_grad:
         return loss, parts, None
-    scale = grad_scale if aux is None else grad_scale * aux
     grad = log_p.exp_()
     if epsilon > 0:
         grad.sub_(epsilon / vocab_size)
     grad.scatter_add_(1, y[:, None], torch.full_like(nll[:, None], -(1 - epsilon)))
-    grad.mul_(scale[:, None])
+    if aux is not None:
+        grad.mul_(aux[:, None])
     return loss, parts, grad
 
 
@@ -280,7 +285,7 @@ def _permute_except_argmax(q: Tensor, generator: torch.Generator) -> Tensor:
     return torch.empty_like(q).scatter_(1, positions, q.gather(1, shuffled))
 
 
-def _dkpp_kernel(s, t, y, aux, params, grad_scale):
+def _dkpp_kernel(s, t, y, aux, params, want_grad):
     temperature = params["temperature"]
     generator = torch.Generator(device=s.device)
     generator.manual_seed(params["seed"] + params["chunk_start"])
@@ -288,9 +293,11 @@ def _dkpp_kernel(s, t, y, aux, params, grad_scale):
     q = _permute_except_argmax(torch.softmax(_scaled(t, temperature), dim=-1), generator)
     t2 = temperature * temperature
     loss = -t2 * torch.linalg.vecdot(q, log_p)
-    if grad_scale is None:
+    if not want_grad:
         return loss, loss[None], None
-    grad = log_p.exp_().sub_(q).mul_((temperature * grad_scale)[:, None])
+    grad = log_p.exp_().sub_(q)
+    if temperature != 1.0:
+        grad.mul_(temperature)
     return loss, loss[None], grad
 
 
@@ -316,7 +323,13 @@ def _chunk_rows(vocab_size: int, chunk_size: int | None) -> int:
 
 
 class _ChunkedTokenLoss(torch.autograd.Function):
-    """Per-token loss values and parts of ``kernel`` over ``[N, V]`` logits, computed chunk by chunk."""
+    """Per-token loss values and parts of ``kernel`` over ``[N, V]`` logits, computed chunk by chunk.
+
+    When the student needs a gradient, the forward pass also writes each token's gradient into one
+    logits-sized buffer (which has to exist anyway: it becomes the logits' gradient), and the first backward
+    pass scales it in place by the upstream per-token gradient. A second backward through the same graph
+    (``retain_graph=True``, ``gradcheck``) finds the buffer spent and recomputes it chunk by chunk.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, labels, valid, aux, kernel, params, chunk_rows, num_parts):
@@ -324,19 +337,24 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         n = student.shape[0]
         losses = torch.zeros(n, dtype=compute_dtype, device=student.device)
         parts = torch.zeros(num_parts, n, dtype=compute_dtype, device=student.device)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student) if want_grad else None
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
-            loss, chunk_parts, _ = kernel(
+            loss, chunk_parts, chunk_grad = kernel(
                 *_chunk_args(student, teacher, labels, aux, start, stop, compute_dtype),
                 dict(params, chunk_start=start),
-                None,
+                want_grad,
             )
             losses[start:stop] = loss
             parts[:, start:stop] = chunk_parts
+            if want_grad:
+                grad[start:stop] = chunk_grad
         losses.mul_(valid)
         parts.mul_(valid)
         ctx.save_for_backward(student, teacher, labels, valid, aux)
         ctx.kernel, ctx.params, ctx.chunk_rows = kernel, params, chunk_rows
+        ctx.grad_buffer = grad  # not a saved tensor: the first backward consumes it in place
         ctx.mark_non_differentiable(parts)
         return losses, parts
 
@@ -345,17 +363,20 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         student, teacher, labels, valid, aux = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        compute_dtype = _compute_dtype(student.dtype)
-        grad_scale = (grad_losses * valid).to(compute_dtype)
+        grad_scale = (grad_losses * valid).to(_compute_dtype(student.dtype))
+        grad, ctx.grad_buffer = ctx.grad_buffer, None
+        if grad is not None:
+            grad.mul_(grad_scale[:, None])
+            return (grad,) + (None,) * 8
         grad = torch.empty_like(student)
         for start in range(0, student.shape[0], ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, student.shape[0])
             _, _, chunk_grad = ctx.kernel(
-                *_chunk_args(student, teacher, labels, aux, start, stop, compute_dtype),
+                *_chunk_args(student, teacher, labels, aux, start, stop, _compute_dtype(student.dtype)),
                 dict(ctx.params, chunk_start=start),
-                grad_scale[start:stop],
+                True,
             )
-            grad[start:stop] = chunk_grad
+            grad[start:stop] = chunk_grad.mul_(grad_scale[start:stop, None])
         return (grad,) + (None,) * 8
 
 

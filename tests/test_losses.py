@@ -423,3 +423,20 @@ def test_bad_input_raises_value_error(call, message):
     s, t, y = make_inputs()
     with pytest.raises(ValueError, match=message):
         call(s.detach(), t, y)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES))
+def test_second_backward_through_a_retained_graph_gives_the_same_gradient(name):
+    s, t, y = make_inputs()
+    loss = ALL_LOSSES[name](s, t, y).loss
+    first = torch.autograd.grad(2.0 * loss, s, retain_graph=True)[0]
+    second = torch.autograd.grad(2.0 * loss, s)[0]
+    torch.testing.assert_close(first, second)
+
+
+def test_bf16_gradient_is_scaled_in_float32():
+    s, t, y = make_inputs(n=64, v=50, dtype=torch.bfloat16)
+    g = grad_of(kd_loss(s, t, y).loss * 3.0, s)
+    s32 = s.detach().float().requires_grad_()
+    ref = grad_of(kd_loss(s32, t.float(), y).loss * 3.0, s32)
+    torch.testing.assert_close(g.float(), ref, rtol=1e-2, atol=1e-6)

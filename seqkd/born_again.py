@@ -1,0 +1,264 @@
+"""Born-Again networks (Furlanello et al., 2018): a chain of generations, each taught by the last.
+
+Generation 0 learns from the labels; generation k learns from generation k-1 with the chosen loss (BAN+L =
+gold-label CE + KD by default; CWTM, DKPP, DKD selectable). Each generation is saved under ``OUTPUT/gen-k`` with
+its metrics; a restarted run skips the generations already finished and resumes the one in progress from its
+last checkpoint. The ensemble of the generations (the mean of their predicted distributions, BAN's BANE) is
+evaluated too, and the run ends with ``OUTPUT/results.md`` and ``OUTPUT/perplexity.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import ModelOutput
+
+from seqkd.evaluation import corpus_perplexity, is_stateful
+from seqkd.trainer import DistillationArguments, DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+MODEL_DIR = "model"
+
+
+@dataclass
+class BornAgainArguments:
+    """How many generations, and how generation 0 is trained."""
+
+    num_generations: int = field(
+        default=2, metadata={"help": "Student generations after the teacher (generation 0); at least 1."}
+    )
+    teacher_loss: str = field(
+        default="ce",
+        metadata={"help": "Loss of generation 0, which has no teacher: 'ce' or 'ls'.", "choices": ["ce", "ls"]},
+    )
+    ensemble: bool = field(
+        default=True, metadata={"help": "Also evaluate the ensemble of all generations (mean of probabilities)."}
+    )
+
+    def __post_init__(self):
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+        if self.teacher_loss not in ("ce", "ls"):
+            raise ValueError(f"teacher_loss must be 'ce' or 'ls', got {self.teacher_loss!r}")
+
+
+@dataclass
+class EnsembleOutput(ModelOutput):
+    logits: torch.Tensor | None = None
+    state: tuple | None = None
+
+
+class GenerationEnsemble(torch.nn.Module):
+    """The mean of its members' predicted distributions; ``logits`` are the log of that mean.
+
+    Recurrent members carry their own states, held together as one tuple ``state``.
+    """
+
+    def __init__(self, members: list[PreTrainedModel]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, input_ids, state=None, **kwargs) -> EnsembleOutput:
+        states = state if state is not None else (None,) * len(self.members)
+        log_probs, new_states = [], []
+        for member, member_state in zip(self.members, states):
+            if is_stateful(member):
+                out = member(input_ids=input_ids, state=member_state, **kwargs)
+                new_states.append(out.state)
+            else:
+                out = member(input_ids=input_ids, **kwargs)
+                new_states.append(None)
+            log_probs.append(torch.log_softmax(out.logits.float(), dim=-1))
+        logits = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
+        return EnsembleOutput(logits=logits, state=tuple(new_states))
+
+
+def _save_atomically(trainer: DistillationTrainer, final_dir: str) -> None:
+    staging = final_dir + ".partial"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)
+    if trainer.tokenizer is not None and trainer.args.should_save:
+        trainer.tokenizer.save_pretrained(staging)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _write_json_atomically(path: str, data: dict) -> None:
+    with open(path + ".partial", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".partial", path)
+
+
+def run_born_again(
+    model_init: Callable[[], PreTrainedModel],
+    args: DistillationArguments,
+    born_again_args: BornAgainArguments,
+    *,
+    train_dataset,
+    eval_datasets: dict,
+    processing_class=None,
+    data_collator=None,
+) -> list[dict]:
+    """Train generation 0 from labels and generations 1..N each from the one before; evaluate all and the ensemble.
+
+    Args:
+        model_init: builds a fresh, randomly initialised student (called once per generation, after seeding).
+        args: the training arguments of every generation; ``args.loss`` is the students' loss and
+            ``args.output_dir`` the run's folder (generation k trains in ``output_dir/gen-k``).
+        eval_datasets: named splits, e.g. ``{"validation": ..., "test": ...}``; the first is the trainer's
+            evaluation set (learning-rate plateau, logging), all are reported.
+    Returns:
+        One metrics dict per generation, then the ensemble's (when enabled).
+    """
+    if not eval_datasets:
+        raise ValueError("run_born_again needs at least one evaluation split, e.g. {'validation': ...}")
+    if args.loss in ("ce", "ls"):
+        raise ValueError(f"the students' loss must use the teacher, got {args.loss!r}; try 'ban', 'kd' or 'dkd'")
+    output_dir = args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    first_split = next(iter(eval_datasets))
+    results: list[dict] = []
+    teacher = None
+    total = born_again_args.num_generations + 1
+    for generation in range(total):
+        gen_dir = os.path.join(output_dir, f"gen-{generation}")
+        model_dir = os.path.join(gen_dir, MODEL_DIR)
+        metrics_path = os.path.join(gen_dir, METRICS_FILE)
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = json.load(f)
+            logger.warning("generation %d/%d already finished, skipping (%s)", generation, total - 1, gen_dir)
+            results.append(metrics)
+            teacher = AutoModelForCausalLM.from_pretrained(model_dir)
+            continue
+        print(f"\n=== Born-Again generation {generation}/{total - 1}: "
+              f"{'labels only' if generation == 0 else f'taught by generation {generation - 1}'} ===", flush=True)
+        gen_args = dataclasses.replace(
+            args,
+            output_dir=gen_dir,
+            loss=born_again_args.teacher_loss if generation == 0 else args.loss,
+            seed=args.seed + generation,
+            teacher_model_name_or_path=None,
+        )
+        set_seed(gen_args.seed)
+        student = model_init()
+        trainer = DistillationTrainer(
+            model=student,
+            args=gen_args,
+            teacher_model=teacher if generation > 0 else None,
+            train_dataset=train_dataset,
+            eval_dataset=eval_datasets[first_split],
+            processing_class=processing_class,
+            data_collator=data_collator,
+        )
+        last = get_last_checkpoint(gen_dir) if os.path.isdir(gen_dir) else None
+        started = time.time()
+        train_output = trainer.train(resume_from_checkpoint=last)
+        metrics = {
+            "generation": generation,
+            "loss": gen_args.loss,
+            "teacher": None if generation == 0 else f"gen-{generation - 1}",
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "train_runtime_s": round(train_output.metrics.get("train_runtime", time.time() - started), 1),
+            "train_loss": train_output.metrics.get("train_loss"),
+        }
+        for split, dataset in eval_datasets.items():
+            split_metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+            metrics[f"{split}_perplexity"] = split_metrics[f"{split}_perplexity"]
+            metrics[f"{split}_loss"] = split_metrics[f"{split}_loss"]
+        _save_atomically(trainer, model_dir)
+        if trainer.args.should_save:
+            _write_json_atomically(metrics_path, metrics)
+        trainer.accelerator.wait_for_everyone()
+        results.append(metrics)
+        teacher = trainer.accelerator.unwrap_model(trainer.model)
+        teacher.eval()
+        del trainer
+
+    if born_again_args.ensemble:
+        members = [AutoModelForCausalLM.from_pretrained(os.path.join(output_dir, f"gen-{k}", MODEL_DIR)) for k in range(total)]
+        ensemble = GenerationEnsemble(members).to(args.device)
+        metrics = {"generation": "ensemble", "loss": f"mean of gen-0..gen-{total - 1}", "teacher": None,
+                   "parameters": sum(p.numel() for p in ensemble.parameters())}
+        for split, dataset in eval_datasets.items():
+            loader = _eval_loader(dataset, args)
+            result = corpus_perplexity(ensemble, loader, device=args.device, desc=f"ensemble {split}")
+            metrics[f"{split}_perplexity"] = result["perplexity"]
+            metrics[f"{split}_loss"] = result["loss"]
+        results.append(metrics)
+    if args.should_save:
+        write_results(results, output_dir, list(eval_datasets))
+    return results
+
+
+def _eval_loader(dataset, args):
+    from torch.utils.data import DataLoader
+
+    from seqkd.data.text import StreamBatches
+
+    if isinstance(dataset, StreamBatches):
+        return DataLoader(dataset, batch_size=None, shuffle=False)
+    return DataLoader(dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size)
+
+
+def write_results(results: list[dict], output_dir: str, splits: list[str]) -> None:
+    """``results.md`` (one row per generation and the ensemble) and ``perplexity.png``."""
+    header = "| generation | loss | " + " | ".join(f"{s} perplexity" for s in splits) + " | parameters | train time (s) |"
+    lines = [
+        "# Born-Again results",
+        "",
+        header,
+        "|" + "---|" * (4 + len(splits)),
+    ]
+    for row in results:
+        values = " | ".join(f"{row[f'{s}_perplexity']:.2f}" for s in splits)
+        train_time = row.get("train_runtime_s", "")
+        lines.append(f"| {row['generation']} | {row['loss']} | {values} | {row['parameters']:,} | {train_time} |")
+    with open(os.path.join(output_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(results, output_dir, splits)
+
+
+def _plot(results: list[dict], output_dir: str, splits: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generations = [r for r in results if r["generation"] != "ensemble"]
+    ensemble = next((r for r in results if r["generation"] == "ensemble"), None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, split in enumerate(splits):
+        color = f"C{i}"
+        xs = [r["generation"] for r in generations]
+        ax.plot(xs, [r[f"{split}_perplexity"] for r in generations], "o-", color=color, label=split)
+        if ensemble is not None:
+            ax.axhline(ensemble[f"{split}_perplexity"], color=color, linestyle="--", label=f"{split}, ensemble")
+    ax.set_xlabel("generation (0 = trained from labels)")
+    ax.set_ylabel("perplexity")
+    ax.set_xticks([r["generation"] for r in generations])
+    ax.set_title("Born-Again generations")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "perplexity.png"), dpi=120)
+    plt.close(fig)

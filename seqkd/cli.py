@@ -1,0 +1,412 @@
+"""The ``seqkd`` command: ``train``, ``distill``, ``born-again`` and ``evaluate``.
+
+Each command reads an optional recipe YAML (safe loading) whose keys are the fields of the argument dataclasses
+below and of ``DistillationArguments``; any field can be overridden on the command line::
+
+    seqkd born-again recipes/ban_lstm_ptb_small.yaml --data_dir ../shared/data --output_dir runs/ban
+    seqkd train recipes/ban_lstm_ptb_small.yaml --max_steps 100 --output_dir runs/smoke
+    seqkd evaluate --model_name_or_path runs/ban/gen-1/model --data_dir ../shared/data --split test
+    accelerate launch --multi_gpu --num_processes 2 -m seqkd distill recipe.yaml ...
+
+``seqkd COMMAND --help`` lists every field with its help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
+
+COMMANDS = ("train", "distill", "born-again", "evaluate")
+DATA_DIR_ENV = "SEQKD_DATA_DIR"
+
+logger = logging.getLogger("seqkd")
+
+
+@dataclass
+class ModelArguments:
+    """The student's architecture (or a saved model to start from)."""
+
+    model: str = field(
+        default="lstm",
+        metadata={
+            "help": "'lstm' (seqkd's LSTM LM), a causal-LM preset of seqkd.models.transformer (e.g. 'gpt2-small-ptb'), "
+            "or a saved model folder to start from."
+        },
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Config fields of the model as a JSON object (a mapping in a recipe), e.g. "
+            '\'{"hidden_size": 650, "num_layers": 2}\'.'
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """The corpus, its tokenizer and how it is batched."""
+
+    dataset: str = field(
+        default="ptb",
+        metadata={
+            "help": "'ptb' (Penn Treebank: from data_dir, else the Hub's ptb_text_only), a folder with "
+            "{train,validation,test}.txt, or a Hub dataset name."
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": f"Folder holding the corpus (for PTB: ptb/ or the ptb.*.txt files); default ${DATA_DIR_ENV}."},
+    )
+    tokenizer: str = field(
+        default="word",
+        metadata={
+            "help": "'word' (word-level, <eos> per line), 'bpe' (byte-level BPE), or a saved tokenizer folder. "
+            "When distilling from a saved teacher, the teacher's own tokenizer is used."
+        },
+    )
+    bpe_vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of a trained BPE tokenizer."})
+    batching: str = field(
+        default="auto",
+        metadata={
+            "help": "'stream' (contiguous streams, state carried: truncated BPTT), 'blocks' (fixed-length blocks), "
+            "or 'auto' (stream for the LSTM, blocks for Transformers).",
+            "choices": ["auto", "stream", "blocks"],
+        },
+    )
+    seq_len: int = field(default=35, metadata={"help": "Tokens per row of a batch: the BPTT length or block size."})
+    max_train_tokens: int | None = field(
+        default=None, metadata={"help": "Use only the first N tokens of the train split (quick runs and tests)."}
+    )
+    max_eval_tokens: int | None = field(
+        default=None, metadata={"help": "Use only the first N tokens of each evaluation split."}
+    )
+    eval_splits: str = field(
+        default="validation,test",
+        metadata={"help": "Comma-separated splits to report; the first drives evaluation during training."},
+    )
+
+
+@dataclass
+class EvaluateArguments:
+    """What ``seqkd evaluate`` scores."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "The saved model to evaluate."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate (train, validation or test)."})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Recipes and arguments.
+
+
+def _parser(command: str) -> HfArgumentParser:
+    from seqkd.born_again import BornAgainArguments
+    from seqkd.trainer import DistillationArguments
+
+    types = [ModelArguments, DataArguments, DistillationArguments]
+    if command == "born-again":
+        types.append(BornAgainArguments)
+    if command == "evaluate":
+        types.append(EvaluateArguments)
+    return HfArgumentParser(types, prog=f"seqkd {command}", description=f"seqkd {command}: see `seqkd --help`.")
+
+
+def _recipe_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe {path!r} does not exist")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a mapping of field: value, got {type(recipe).__name__}")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise ValueError(f"recipe {path} has unknown fields {unknown}; `seqkd COMMAND --help` lists the fields")
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def parse_command_line(command: str, argv: list[str]):
+    """``argv`` = [recipe.yaml] [--field value ...]; the command line overrides the recipe."""
+    parser = _parser(command)
+    recipe_argv: list[str] = []
+    if argv and not argv[0].startswith("-"):
+        recipe_argv = _recipe_to_argv(argv[0], parser)
+        argv = argv[1:]
+    full = recipe_argv + argv
+    if "--output_dir" not in full:
+        full += ["--output_dir", os.path.join("runs", command)]
+    return parser.parse_args_into_dataclasses(args=full)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building the pieces.
+
+
+def _data_dir(data_args: DataArguments) -> str | None:
+    return data_args.data_dir or os.environ.get(DATA_DIR_ENV)
+
+
+def load_corpus(data_args: DataArguments):
+    from seqkd.data.text import load_ptb, load_text_splits
+
+    if data_args.dataset == "ptb":
+        return load_ptb(_data_dir(data_args))
+    root = data_args.dataset
+    if _data_dir(data_args) and not os.path.isabs(root) and os.path.isdir(os.path.join(_data_dir(data_args), root)):
+        root = os.path.join(_data_dir(data_args), root)
+    return load_text_splits(root)
+
+
+def build_tokenizer(data_args: DataArguments, corpus, teacher_path: str | None = None):
+    from seqkd.data.text import train_bpe_tokenizer, train_word_tokenizer
+
+    if teacher_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(teacher_path)
+    if data_args.tokenizer == "word":
+        return train_word_tokenizer(corpus["train"])
+    if data_args.tokenizer == "bpe":
+        return train_bpe_tokenizer(corpus["train"], vocab_size=data_args.bpe_vocab_size)
+    if os.path.isdir(data_args.tokenizer):
+        return AutoTokenizer.from_pretrained(data_args.tokenizer)
+    raise ValueError(f"tokenizer must be 'word', 'bpe' or a saved tokenizer folder, got {data_args.tokenizer!r}")
+
+
+def _model_config(model_args: ModelArguments) -> dict:
+    if model_args.model_config is None:
+        return {}
+    try:
+        config = json.loads(model_args.model_config)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"model_config must be a JSON object, got {model_args.model_config!r}: {error}") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"model_config must be a JSON object, got {model_args.model_config!r}")
+    return config
+
+
+def model_factory(model_args: ModelArguments, tokenizer):
+    """A function that builds a fresh student sized to ``tokenizer``."""
+    from seqkd.evaluation import check_vocab_size
+    from seqkd.models import CAUSAL_LM_PRESETS, LSTMForCausalLM, LSTMLMConfig, build_causal_lm
+
+    overrides = _model_config(model_args)
+    name = model_args.model
+    if name == "lstm":
+        def build():
+            eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+            return LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), eos_token_id=eos, **overrides))
+    elif name in CAUSAL_LM_PRESETS:
+        def build():
+            return build_causal_lm(name, tokenizer=tokenizer, **overrides)
+    elif os.path.isdir(name):
+        def build():
+            model = AutoModelForCausalLM.from_pretrained(name)
+            check_vocab_size(tokenizer, model)
+            return model
+    else:
+        raise ValueError(
+            f"model must be 'lstm', one of the presets {sorted(CAUSAL_LM_PRESETS)}, or a saved model folder; got {name!r}"
+        )
+    return build
+
+
+def _uses_streams(model: PreTrainedModel, data_args: DataArguments) -> bool:
+    if data_args.batching == "auto":
+        from seqkd.evaluation import is_stateful
+
+        return is_stateful(model)
+    return data_args.batching == "stream"
+
+
+def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bool, splits: list[str]):
+    """The train split and the evaluation splits, as stream batches or blocks."""
+    from seqkd.data.text import StreamBatches, encode_stream, group_texts
+
+    def ids(split, limit):
+        tokens = encode_stream(tokenizer, corpus[split])
+        return tokens if limit is None else tokens[:limit]
+
+    def make(split, batch_size, limit):
+        if stream:
+            return StreamBatches(
+                ids(split, limit), batch_size, data_args.seq_len,
+                process_index=args.process_index, num_processes=args.world_size,
+            )  # fmt: skip
+        texts = corpus[split]
+        if limit is not None:
+            blocks = group_texts(texts, tokenizer, data_args.seq_len)
+            return blocks.select(range(min(len(blocks), max(1, limit // data_args.seq_len))))
+        return group_texts(texts, tokenizer, data_args.seq_len)
+
+    for split in ["train", *splits]:
+        if split not in corpus:
+            raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+    train = make("train", args.per_device_train_batch_size, data_args.max_train_tokens)
+    evals = {split: make(split, args.per_device_eval_batch_size, data_args.max_eval_tokens) for split in splits}
+    return train, evals
+
+
+def _prepare(model_args, data_args, args, teacher_path=None):
+    corpus = load_corpus(data_args)
+    tokenizer = build_tokenizer(data_args, corpus, teacher_path)
+    build = model_factory(model_args, tokenizer)
+    probe = build()
+    splits = [s.strip() for s in data_args.eval_splits.split(",") if s.strip()]
+    train, evals = build_datasets(corpus, tokenizer, data_args, args, _uses_streams(probe, data_args), splits)
+    return tokenizer, build, probe, train, evals
+
+
+# --------------------------------------------------------------------------------------------------------
+# Commands.
+
+
+def _save_final(trainer, output_dir: str, metrics: dict) -> None:
+    """The trained model, its tokenizer and metrics.json, renamed into ``output_dir/model`` when complete."""
+    final = os.path.join(output_dir, "model")
+    staging = final + ".partial"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)
+    if trainer.args.should_save:
+        trainer.processing_class.save_pretrained(staging)
+        with open(os.path.join(staging, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    trainer.accelerator.wait_for_everyone()
+
+
+def command_train(argv: list[str], *, distill: bool) -> dict:
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from seqkd.trainer import DistillationTrainer
+
+    model_args, data_args, args = parse_command_line("distill" if distill else "train", argv)
+    if distill and not args.teacher_model_name_or_path:
+        raise ValueError("seqkd distill needs --teacher_model_name_or_path (a trained model folder)")
+    if not distill and args.needs_teacher and not args.teacher_model_name_or_path:
+        raise ValueError(
+            f"loss {args.loss!r} needs a teacher: use `seqkd distill --teacher_model_name_or_path ...`, "
+            "or train from labels with --loss ce / ls"
+        )
+    teacher_path = args.teacher_model_name_or_path if args.needs_teacher else None
+    if teacher_path and not os.path.isdir(teacher_path):
+        raise FileNotFoundError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
+    set_seed(args.seed)
+    tokenizer, _, student, train, evals = _prepare(model_args, data_args, args, teacher_path)
+    first = next(iter(evals))
+    trainer = DistillationTrainer(
+        model=student, args=args, train_dataset=train, eval_dataset=evals[first], processing_class=tokenizer
+    )
+    resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    output = trainer.train(resume_from_checkpoint=resume)
+    metrics = {"train_loss": output.metrics.get("train_loss"), "train_runtime_s": output.metrics.get("train_runtime")}
+    for split, dataset in evals.items():
+        result = trainer.evaluate(dataset, metric_key_prefix=split)
+        metrics[f"{split}_perplexity"] = result[f"{split}_perplexity"]
+        metrics[f"{split}_loss"] = result[f"{split}_loss"]
+    _save_final(trainer, args.output_dir, metrics)
+    if trainer.is_world_process_zero():
+        print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def command_born_again(argv: list[str]) -> list[dict]:
+    from seqkd.born_again import run_born_again
+
+    model_args, data_args, args, born_again_args = parse_command_line("born-again", argv)
+    tokenizer, build, _, train, evals = _prepare(model_args, data_args, args)
+    results = run_born_again(
+        build, args, born_again_args, train_dataset=train, eval_datasets=evals, processing_class=tokenizer
+    )
+    if args.process_index == 0:
+        with open(os.path.join(args.output_dir, "results.md")) as f:
+            print(f.read())
+    return results
+
+
+def command_evaluate(argv: list[str]) -> dict:
+    from torch.utils.data import DataLoader
+
+    from seqkd.data.text import StreamBatches
+    from seqkd.evaluation import check_vocab_size, corpus_perplexity
+
+    model_args, data_args, args, eval_args = parse_command_line("evaluate", argv)
+    path = eval_args.model_name_or_path
+    if not path:
+        raise ValueError("seqkd evaluate needs --model_name_or_path (a saved model folder)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model_name_or_path {path!r} does not exist")
+    model = AutoModelForCausalLM.from_pretrained(path).to(args.device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_vocab_size(tokenizer, model)
+    corpus = load_corpus(data_args)
+    data_args = dataclasses.replace(data_args, eval_splits=eval_args.split)
+    _, evals = build_datasets(
+        corpus, tokenizer, data_args, args, _uses_streams(model, data_args), [eval_args.split]
+    )
+    dataset = evals[eval_args.split]
+    if isinstance(dataset, StreamBatches):
+        loader = DataLoader(dataset, batch_size=None, shuffle=False)
+    else:
+        loader = DataLoader(dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size)
+    result = corpus_perplexity(model, loader, device=args.device, desc=eval_args.split)
+    metrics = {"model": path, "split": eval_args.split, "perplexity": result["perplexity"],
+               "loss": result["loss"], "tokens": result["tokens"]}
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+USAGE = f"""usage: seqkd {{{",".join(COMMANDS)}}} [RECIPE.yaml] [--field value ...]
+
+  train        train a model from labels (loss ce or ls)
+  distill      train a student from a saved teacher (--teacher_model_name_or_path)
+  born-again   a Born-Again chain: generation 0 from labels, each next one from the last, and their ensemble
+  evaluate     perplexity of a saved model on a split (--model_name_or_path, --split)
+
+`seqkd COMMAND --help` lists every field of the recipe with its help.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"seqkd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import seqkd  # noqa: F401  (registers the models with the Auto classes)
+
+    if command == "train":
+        command_train(rest, distill=False)
+    elif command == "distill":
+        command_train(rest, distill=True)
+    elif command == "born-again":
+        command_born_again(rest)
+    else:
+        command_evaluate(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Models of seqkd.
+
+Importing this package registers the custom architectures with transformers' Auto classes
+(``AutoConfig`` / ``AutoModelForCausalLM``), so saved checkpoints load without ``trust_remote_code``.
+
+* :mod:`seqkd.models.lstm`: :class:`LSTMLMConfig`, :class:`LSTMForCausalLM` (``model_type="seqkd_lstm"``).
+* :mod:`seqkd.models.transformer`: builders of small from-scratch transformers (GPT-2 decoders,
+  Marian/BART encoder-decoders) sized to a tokenizer's vocabulary.
+"""
+
+from seqkd.models.lstm import (
+    LSTMCausalLMOutput,
+    LSTMForCausalLM,
+    LSTMGenerationState,
+    LSTMLMConfig,
+    LSTMPreTrainedModel,
+)
+from seqkd.models.transformer import (
+    CAUSAL_LM_PRESETS,
+    SEQ2SEQ_PRESETS,
+    build_causal_lm,
+    build_seq2seq,
+)
+
+__all__ = [
+    "LSTMLMConfig",
+    "LSTMPreTrainedModel",
+    "LSTMForCausalLM",
+    "LSTMCausalLMOutput",
+    "LSTMGenerationState",
+    "CAUSAL_LM_PRESETS",
+    "SEQ2SEQ_PRESETS",
+    "build_causal_lm",
+    "build_seq2seq",
+]

@@ -1,0 +1,460 @@
+"""``DistillationTrainer``: a ``transformers`` ``Seq2SeqTrainer`` that distils from a frozen teacher.
+
+The trainer only orchestrates: it runs the student (and the teacher, under ``no_grad``), aligns the labels,
+and calls :func:`seqkd.losses.distillation_loss`. Every loss lives in :mod:`seqkd.losses`.
+
+It works for causal LMs (GPT-2, seqkd's LSTM) and encoder-decoders alike. For stateful LSTM language models
+trained on :class:`seqkd.data.text.StreamBatches` it carries the student's and the teacher's recurrent states
+across steps (truncated BPTT), detached, reset at every epoch, saved in checkpoints so that a resumed run
+continues exactly; evaluation carries the state over the whole split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    PreTrainedModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from seqkd.evaluation import corpus_perplexity, is_stateful
+from seqkd.losses import (
+    DIVERGENCES,
+    LOSS_NAMES,
+    _check_choice,
+    _check_epsilon,
+    _check_non_negative,
+    _check_temperature,
+    distillation_loss,
+)
+
+TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
+
+
+@dataclass
+class DistillationArguments(Seq2SeqTrainingArguments):
+    """Training arguments plus what distillation needs. Every field is a command-line and recipe option."""
+
+    loss: str = field(
+        default="kd",
+        metadata={
+            "help": "Training loss: 'ce' (gold labels), 'ls' (label-smoothed CE), 'kd' (CE + KD), 'ban' (Born-Again "
+            "BAN+L: CE + forward-KL KD), 'dkd' (CE + Decoupled KD), 'cwtm' (CE + confidence-weighted CE), "
+            "'dkpp' (CE + KD to a permuted teacher).",
+            "choices": list(LOSS_NAMES),
+        },
+    )
+    ce_weight: float = field(default=1.0, metadata={"help": "Weight of the gold-label term (CE, or LS-CE)."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
+    temperature: float | None = field(
+        default=None, metadata={"help": "Softmax temperature of the distillation term; default 4 for 'dkd', else 1."}
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "Divergence for 'kd': forward_kl, reverse_kl or jsd.", "choices": list(DIVERGENCES)},
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of the teacher in the generalised JSD."})
+    alpha: float = field(default=1.0, metadata={"help": "DKD: weight of TCKD (target-class KD)."})
+    beta: float = field(default=8.0, metadata={"help": "DKD: weight of NCKD (non-target-class KD)."})
+    label_smoothing: float | None = field(
+        default=None,
+        metadata={"help": "Label smoothing epsilon of the gold-label term; default 0.1 for loss 'ls', else 0."},
+    )
+    distill_warmup_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "Ramp the distillation term's weight linearly from 0 to kd_weight over this many epochs (the DKD "
+            "paper's warm-up uses 20); 0 disables the ramp."
+        },
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher: a saved model directory or a Hub model id."}
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={"help": "Teacher weights' dtype: auto, float32, bfloat16 or float16.", "choices": list(TEACHER_DTYPES)},
+    )
+    loss_chunk_size: int | None = field(
+        default=None, metadata={"help": "Tokens per chunk inside the loss (memory vs. speed); default automatic."}
+    )
+
+    def __post_init__(self):
+        _check_choice("loss", self.loss, LOSS_NAMES)
+        _check_non_negative("ce_weight", self.ce_weight)
+        _check_non_negative("kd_weight", self.kd_weight)
+        if self.temperature is not None:
+            _check_temperature(self.temperature)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        if not 0 <= self.jsd_beta <= 1:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta!r}")
+        _check_non_negative("alpha", self.alpha)
+        _check_non_negative("beta", self.beta)
+        if self.label_smoothing is not None:
+            _check_epsilon(self.label_smoothing)
+        _check_non_negative("distill_warmup_epochs", self.distill_warmup_epochs)
+        _check_choice("teacher_dtype", self.teacher_dtype, list(TEACHER_DTYPES))
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        if getattr(self, "label_smoothing_factor", 0.0):
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} is transformers' own smoother, which the "
+                "distillation loss bypasses: set label_smoothing instead"
+            )
+        super().__post_init__()
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss not in ("ce", "ls") and self.kd_weight > 0
+
+
+def load_teacher(path: str, *, is_encoder_decoder: bool, dtype: str = "auto") -> PreTrainedModel:
+    """Load a teacher from a saved directory or, when no such directory exists, from the Hub."""
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
+    kwargs = {} if TEACHER_DTYPES[dtype] is None else {"dtype": TEACHER_DTYPES[dtype]}
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return auto.from_pretrained(local, **kwargs)
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", path):
+        raise FileNotFoundError(
+            f"teacher {path!r} does not exist: train the teacher first, or point at the folder it was saved to"
+        )
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"teacher {path!r} is neither a local folder nor a model the Hub could serve: {error}"
+        ) from error
+
+
+def _single_batch(items: list[dict]) -> dict:
+    return items[0]
+
+
+def _detach_state(state):
+    if state is None:
+        return None
+    return tuple(s.detach() for s in state)
+
+
+class _ResetStreamStateAtEpoch(TrainerCallback):
+    """Recurrent states start from zero at every epoch, except the epoch a checkpoint resumes in."""
+
+    def __init__(self, trainer: "DistillationTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._keep_loaded_state:
+            self.trainer._keep_loaded_state = False
+        else:
+            self.trainer._student_state = self.trainer._teacher_state = None
+
+
+class DistillationTrainer(Seq2SeqTrainer):
+    """A ``Seq2SeqTrainer`` whose loss is :func:`seqkd.losses.distillation_loss` against a frozen teacher.
+
+    Args:
+        teacher_model: the teacher (a model, or a path / Hub id; default ``args.teacher_model_name_or_path``).
+            It is frozen, kept in eval mode on the student's device, out of the optimizer and out of DDP; under
+            FSDP and DeepSpeed ZeRO-3 it is prepared by Accelerate for inference.
+        Everything else as for ``transformers.Seq2SeqTrainer``.
+    """
+
+    # compute_loss normalises by num_items_in_batch (the accumulated batch's token count) itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model=None, args: DistillationArguments | None = None, teacher_model=None, **kwargs):
+        if args is None or not isinstance(args, DistillationArguments):
+            raise ValueError("DistillationTrainer needs args=DistillationArguments(...)")
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student model")
+        if teacher_model is None and args.needs_teacher:
+            if args.teacher_model_name_or_path is None:
+                raise ValueError(
+                    f"loss {args.loss!r} needs a teacher: pass teacher_model= or set teacher_model_name_or_path "
+                    "(or use loss 'ce' / 'ls' to train from labels alone)"
+                )
+            teacher_model = args.teacher_model_name_or_path
+        if isinstance(teacher_model, (str, os.PathLike)):
+            teacher_model = load_teacher(
+                str(teacher_model), is_encoder_decoder=model.config.is_encoder_decoder, dtype=args.teacher_dtype
+            )
+        if teacher_model is not None:
+            _check_same_vocabulary(model, teacher_model)
+            if TEACHER_DTYPES[args.teacher_dtype] is not None:
+                teacher_model = teacher_model.to(TEACHER_DTYPES[args.teacher_dtype])
+        super().__init__(model=model, args=args, **kwargs)
+        self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None and args.needs_teacher else None
+        self._stateful = is_stateful(model)
+        self._student_state = self._teacher_state = None
+        self._keep_loaded_state = False
+        self._part_sums: dict[str, float] = defaultdict(float)
+        self._part_tokens = 0.0
+        self.add_callback(_ResetStreamStateAtEpoch(self))
+
+    # ---- the teacher -------------------------------------------------------------------------------------
+
+    def _prepare_teacher(self, teacher: PreTrainedModel):
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if self.is_deepspeed_enabled:
+            return _prepare_deepspeed_teacher(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+            teacher.eval()
+            return teacher
+        return teacher.to(self.accelerator.device)
+
+    # ---- data --------------------------------------------------------------------------------------------
+
+    def _stream_dataloader(self, dataset) -> DataLoader | None:
+        """Stream batches are already per process and in order: no sampler, no sharding, no shuffling."""
+        from seqkd.data.text import StreamBatches
+
+        if not isinstance(dataset, StreamBatches):
+            return None
+        if dataset.num_processes != self.args.world_size or dataset.process_index != self.args.process_index:
+            raise ValueError(
+                f"StreamBatches built for process {dataset.process_index} of {dataset.num_processes}, but this is "
+                f"process {self.args.process_index} of {self.args.world_size}: build it with "
+                "process_index=args.process_index, num_processes=args.world_size"
+            )
+        # One dataset item per step, through a batch sampler (batch_size=1, unwrapped by the collate function)
+        # rather than batch_size=None, so that a resumed run can skip the steps already done.
+        return DataLoader(
+            dataset, batch_size=1, shuffle=False, collate_fn=_single_batch, pin_memory=self.args.dataloader_pin_memory
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        return self._stream_dataloader(self.train_dataset) or super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if isinstance(eval_dataset, str):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return self._stream_dataloader(dataset) or super().get_eval_dataloader(eval_dataset)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        # Stream batches carry `shift_labels` only; transformers counts tokens only when `labels` are present.
+        if batch_samples and "labels" not in batch_samples[0] and "shift_labels" in batch_samples[0]:
+            count = sum(batch["shift_labels"].ne(-100).sum() for batch in batch_samples).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    # ---- the loss ----------------------------------------------------------------------------------------
+
+    def _aligned_targets(self, model, inputs: dict) -> torch.Tensor:
+        """Pop the labels from ``inputs`` (so the models skip their own loss) and align them with the logits."""
+        labels, shift_labels = inputs.pop("labels", None), inputs.pop("shift_labels", None)
+        if shift_labels is not None:
+            return shift_labels
+        if labels is None:
+            raise ValueError(f"the batch has no 'labels' or 'shift_labels'; it has {sorted(inputs)}")
+        unwrapped = self.accelerator.unwrap_model(model)
+        if unwrapped.config.is_encoder_decoder:
+            if "decoder_input_ids" not in inputs:
+                inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+            return labels
+        # Causal LM: position i predicts token i + 1. Shift the labels, not the logits (which would copy them).
+        return F.pad(labels[..., 1:], (0, 1), value=-100)
+
+    def _kd_weight_now(self) -> float:
+        warmup = self.args.distill_warmup_epochs
+        if warmup <= 0 or not self.model.training:
+            return self.args.kd_weight
+        return self.args.kd_weight * min(1.0, (self.state.epoch or 0.0) / warmup)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        targets = self._aligned_targets(model, inputs)
+        if self._stateful:
+            inputs["state"] = self._student_state
+        outputs = model(**inputs)
+        if self._stateful:
+            self._student_state = _detach_state(outputs.state)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                if self._stateful:
+                    inputs["state"] = self._teacher_state
+                teacher_outputs = self.teacher(**inputs)
+                if self._stateful:
+                    self._teacher_state = _detach_state(teacher_outputs.state)
+                teacher_logits = teacher_outputs.logits
+        args = self.args
+        result = distillation_loss(
+            args.loss,
+            outputs.logits,
+            teacher_logits,
+            targets,
+            ce_weight=args.ce_weight,
+            kd_weight=self._kd_weight_now(),
+            label_smoothing=args.label_smoothing,
+            temperature=args.temperature,
+            divergence=args.divergence,
+            jsd_beta=args.jsd_beta,
+            alpha=args.alpha,
+            beta=args.beta,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=args.loss_chunk_size,
+        )
+        loss = result.loss
+        if model.training:
+            local_tokens = targets.ne(-100).sum().item()
+            denominator = local_tokens if num_items_in_batch is None else float(num_items_in_batch)
+            # Parts are logged as token-weighted means over the logging interval.
+            for name, value in result.parts.items():
+                self._part_sums[name] += value.item() * denominator
+            self._part_tokens += local_tokens
+            if num_items_in_batch is None:
+                loss = loss / self.current_gradient_accumulation_steps
+            elif args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # num_items_in_batch counts every process' tokens; DDP averages gradients over processes.
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._part_tokens > 0:
+            totals = torch.tensor([*self._part_sums.values(), self._part_tokens], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+            for name, total in zip(self._part_sums, totals[:-1]):
+                logs[f"loss_{name}"] = round(float(total / totals[-1]), 4)
+            self._part_sums.clear()
+            self._part_tokens = 0.0
+        super().log(logs, start_time)
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        """``{prefix}_loss`` (mean NLL per predicted token) and ``{prefix}_perplexity`` over the whole split."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.accelerator.unwrap_model(self.model)
+        result = corpus_perplexity(
+            model, dataloader, show_progress=not self.args.disable_tqdm and self.is_local_process_zero(), desc=metric_key_prefix
+        )
+        totals = torch.tensor([result["nll"], result["tokens"]], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        nll, tokens = totals.tolist()
+        mean = nll / max(tokens, 1)
+        metrics = {
+            f"{metric_key_prefix}_loss": mean,
+            f"{metric_key_prefix}_perplexity": math.exp(min(mean, 700.0)),
+            f"{metric_key_prefix}_tokens": int(tokens),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint in a staging folder, then rename it into place: an interrupted save leaves no
+        ``checkpoint-N`` folder that a resume would load."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_dir = os.path.join(run_dir, ".staging")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        staged, final = os.path.join(run_dir, ".staging", name), os.path.join(run_dir, name)
+        if self._stateful:
+            self._save_stream_state(staged)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.dirname(best) == os.path.dirname(staged):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(os.path.join(run_dir, ".staging"), ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _save_stream_state(self, checkpoint_dir: str) -> None:
+        tensors = {}
+        for owner, state in (("student", self._student_state), ("teacher", self._teacher_state)):
+            for i, tensor in enumerate(state or ()):
+                tensors[f"{owner}.{i}"] = tensor.detach().contiguous().cpu()
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        save_file(tensors, os.path.join(checkpoint_dir, _STREAM_STATE_FILE.format(rank=self.args.process_index)))
+
+    def _load_stream_state(self, checkpoint_dir: str) -> None:
+        path = os.path.join(checkpoint_dir, _STREAM_STATE_FILE.format(rank=self.args.process_index))
+        if not os.path.exists(path):
+            return
+        tensors = load_file(path, device=str(self.accelerator.device))
+        for owner in ("student", "teacher"):
+            parts = [tensors[k] for k in sorted(k for k in tensors if k.startswith(owner + "."))]
+            setattr(self, f"_{owner}_state", tuple(parts) if parts else None)
+        self._keep_loaded_state = True
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+        if resume_from_checkpoint and self._stateful:
+            self._load_stream_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+
+def _check_same_vocabulary(student, teacher) -> None:
+    student_size = student.get_output_embeddings().weight.shape[0]
+    teacher_size = teacher.get_output_embeddings().weight.shape[0]
+    if student_size != teacher_size:
+        raise ValueError(
+            f"teacher vocabulary size ({teacher_size}) differs from the student's ({student_size}): "
+            "distil between models built with the same tokenizer"
+        )
+
+
+def _prepare_deepspeed_teacher(teacher, accelerator):
+    """Wrap the teacher in a DeepSpeed inference engine with the run's ZeRO stage (3 shards it; 0 otherwise)."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+__all__ = ["DistillationArguments", "DistillationTrainer", "load_teacher"]

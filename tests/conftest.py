@@ -1,0 +1,92 @@
+"""Shared pytest fixtures.
+
+Data lives outside the repository: ``$SEQKD_DATA_DIR`` (CI sets it to ``<repo>/../shared/data``),
+falling back to ``<repo root>/../shared/data``. Tests that need a data set skip when it is absent.
+Tests never download: the Hugging Face Hub is switched to offline mode unless the caller set it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before anything imports huggingface_hub / datasets: fail fast instead of trying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+PTB_SPLIT_FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
+
+# A tiny corpus (with a blank line and PTB's <unk>) that every machine has.
+TINY_CORPUS = {
+    "train": [
+        "the cat sat on the mat",
+        "the dog sat on the log",
+        "",
+        "a cat and a dog <unk> the mat",
+        "the end",
+    ],
+    "validation": ["the cat sat on the log", "a dog and the mat"],
+    "test": ["the dog and the cat", "a zebra sat"],  # "zebra" is out of vocabulary
+}
+
+
+def data_root() -> Path:
+    """The shared data directory (``$SEQKD_DATA_DIR`` or ``<repo root>/../shared/data``)."""
+    env = os.environ.get("SEQKD_DATA_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return data_root()
+
+
+@pytest.fixture(scope="session")
+def ptb_dir(data_dir: Path) -> Path:
+    """Directory with Mikolov's ``ptb.{train,valid,test}.txt``; skips the test when absent."""
+    d = data_dir / "ptb"
+    missing = [n for n in PTB_SPLIT_FILES if not (d / n).is_file()]
+    if missing:
+        pytest.skip(f"PTB not found in {d} (missing {', '.join(missing)}); set SEQKD_DATA_DIR")
+    return d
+
+
+@pytest.fixture(scope="session")
+def ptb_splits(ptb_dir: Path):
+    """PTB as a ``DatasetDict`` (train/validation/test, column ``text``), loaded once per session."""
+    from seqkd.data import load_ptb
+
+    return load_ptb(ptb_dir)
+
+
+@pytest.fixture(scope="session")
+def ptb_word_tokenizer(ptb_splits):
+    """The 10,000-word PTB tokenizer trained on the train split, built once per session."""
+    from seqkd.data import train_word_tokenizer
+
+    return train_word_tokenizer(ptb_splits["train"])
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> dict[str, list[str]]:
+    return {k: list(v) for k, v in TINY_CORPUS.items()}
+
+
+@pytest.fixture
+def tiny_corpus_dir(tmp_path: Path) -> Path:
+    """``train.txt`` / ``valid.txt`` / ``test.txt`` holding :data:`TINY_CORPUS`."""
+    names = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+    for split, lines in TINY_CORPUS.items():
+        (tmp_path / names[split]).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_word_tokenizer():
+    from seqkd.data import train_word_tokenizer
+
+    return train_word_tokenizer(TINY_CORPUS["train"])
