@@ -93,8 +93,8 @@ def _save_atomically(trainer: DistillationTrainer, final_dir: str) -> None:
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(staging)
-    if trainer.tokenizer is not None and trainer.args.should_save:
-        trainer.tokenizer.save_pretrained(staging)
+    if trainer.processing_class is not None and trainer.args.should_save:
+        trainer.processing_class.save_pretrained(staging)
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -133,6 +133,11 @@ def run_born_again(
         raise ValueError("run_born_again needs at least one evaluation split, e.g. {'validation': ...}")
     if args.loss in ("ce", "ls"):
         raise ValueError(f"the students' loss must use the teacher, got {args.loss!r}; try 'ban', 'kd' or 'dkd'")
+    if getattr(model_init().config, "is_encoder_decoder", False):
+        raise ValueError(
+            "Born-Again chains and their ensemble are built for language models; distil a translation model with "
+            "`seqkd distill` (DistillationTrainer) instead"
+        )
     output_dir = args.output_dir
     os.makedirs(output_dir, exist_ok=True)
     first_split = next(iter(eval_datasets))

@@ -37,7 +37,8 @@ class ModelArguments:
     model: str = field(
         default="lstm",
         metadata={
-            "help": "'lstm' (seqkd's LSTM LM), a causal-LM preset of seqkd.models.transformer (e.g. 'gpt2-small-ptb'), "
+            "help": "'lstm' (seqkd's LSTM LM), 'lstm-seq2seq' (seqkd's attentional LSTM encoder-decoder), a preset of "
+            "seqkd.models.transformer (causal: e.g. 'gpt2-small-ptb'; encoder-decoder: e.g. 'transformer-3x3-256'), "
             "or a saved model folder to start from."
         },
     )
@@ -57,9 +58,35 @@ class DataArguments:
     dataset: str = field(
         default="ptb",
         metadata={
-            "help": "'ptb' (Penn Treebank: from data_dir, else the Hub's ptb_text_only), a folder with "
-            "{train,validation,test}.txt, or a Hub dataset name."
+            "help": "Language modelling: 'ptb' (Penn Treebank: from data_dir, else the Hub's ptb_text_only), a folder "
+            "with {train,validation,test}.txt, or a Hub dataset name. Translation: 'multi30k' (from data_dir, else "
+            "the Hub), or a folder of {split}.{lang}[.gz] files, or a Hub dataset with a 'translation' column."
         },
+    )
+    task: str = field(
+        default="auto",
+        metadata={
+            "help": "'lm' (language modelling), 'translation', or 'auto' (translation for encoder-decoder models).",
+            "choices": ["auto", "lm", "translation"],
+        },
+    )
+    source_lang: str = field(default="de", metadata={"help": "Translation: the source language's file suffix."})
+    target_lang: str = field(default="en", metadata={"help": "Translation: the target language's file suffix."})
+    pretokenized: bool = field(
+        default=False,
+        metadata={
+            "help": "Translation: the text is already tokenized (Multi30k's tok/ files): split subwords on spaces "
+            "only, and score BLEU with tokenize 'none'."
+        },
+    )
+    tokenizer_model: str = field(
+        default="bpe",
+        metadata={"help": "Translation: the joint subword model, 'bpe' or 'unigram'.", "choices": ["bpe", "unigram"]},
+    )
+    max_source_length: int = field(default=128, metadata={"help": "Translation: truncate sources to this many tokens."})
+    max_target_length: int = field(default=128, metadata={"help": "Translation: truncate targets to this many tokens."})
+    max_train_examples: int | None = field(
+        default=None, metadata={"help": "Translation: use only the first N training pairs (quick runs and tests)."}
     )
     data_dir: str | None = field(
         default=None,
@@ -72,7 +99,9 @@ class DataArguments:
             "When distilling from a saved teacher, the teacher's own tokenizer is used."
         },
     )
-    bpe_vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of a trained BPE tokenizer."})
+    bpe_vocab_size: int = field(
+        default=8000, metadata={"help": "Vocabulary size of a trained subword (BPE or Unigram) tokenizer."}
+    )
     batching: str = field(
         default="auto",
         metadata={
@@ -100,6 +129,13 @@ class EvaluateArguments:
 
     model_name_or_path: str | None = field(default=None, metadata={"help": "The saved model to evaluate."})
     split: str = field(default="test", metadata={"help": "Split to evaluate (train, validation or test)."})
+    stability: bool = field(
+        default=False,
+        metadata={
+            "help": "Also report Shen et al.'s stability: 1 - the mean intra-class variance of the model's predicted "
+            "distributions, a class being the gold target token."
+        },
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -203,11 +239,29 @@ def _model_config(model_args: ModelArguments) -> dict:
 def model_factory(model_args: ModelArguments, tokenizer):
     """A function that builds a fresh student sized to ``tokenizer``."""
     from seqkd.evaluation import check_vocab_size
-    from seqkd.models import CAUSAL_LM_PRESETS, LSTMForCausalLM, LSTMLMConfig, build_causal_lm
+    from seqkd.models import (
+        CAUSAL_LM_PRESETS,
+        SEQ2SEQ_PRESETS,
+        LSTMForCausalLM,
+        LSTMForConditionalGeneration,
+        LSTMLMConfig,
+        LSTMSeq2SeqConfig,
+        build_causal_lm,
+        build_seq2seq,
+    )
 
     overrides = _model_config(model_args)
     name = model_args.model
-    if name == "lstm":
+    if name == "lstm-seq2seq":
+        def build():
+            ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+            return LSTMForConditionalGeneration(
+                LSTMSeq2SeqConfig(vocab_size=len(tokenizer), decoder_start_token_id=ids["bos_token_id"], **ids, **overrides)
+            )
+    elif name in SEQ2SEQ_PRESETS:
+        def build():
+            return build_seq2seq(name, tokenizer=tokenizer, **overrides)
+    elif name == "lstm":
         def build():
             eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
             return LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), eos_token_id=eos, **overrides))
@@ -216,14 +270,78 @@ def model_factory(model_args: ModelArguments, tokenizer):
             return build_causal_lm(name, tokenizer=tokenizer, **overrides)
     elif os.path.isdir(name):
         def build():
-            model = AutoModelForCausalLM.from_pretrained(name)
+            model = _load_saved_model(name)
             check_vocab_size(tokenizer, model)
             return model
     else:
         raise ValueError(
-            f"model must be 'lstm', one of the presets {sorted(CAUSAL_LM_PRESETS)}, or a saved model folder; got {name!r}"
+            f"model must be 'lstm', 'lstm-seq2seq', one of the presets {sorted(CAUSAL_LM_PRESETS)} or "
+            f"{sorted(SEQ2SEQ_PRESETS)}, or a saved model folder; got {name!r}"
         )
     return build
+
+
+def _load_saved_model(path: str) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return auto.from_pretrained(path)
+
+
+def _is_translation(data_args: DataArguments, model_args: ModelArguments) -> bool:
+    if data_args.task != "auto":
+        return data_args.task == "translation"
+    from seqkd.models import SEQ2SEQ_PRESETS
+
+    if model_args.model in ("lstm-seq2seq", *SEQ2SEQ_PRESETS):
+        return True
+    if os.path.isdir(model_args.model):
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.from_pretrained(model_args.model).is_encoder_decoder)
+    return data_args.dataset == "multi30k"
+
+
+def load_parallel_corpus(data_args: DataArguments):
+    from seqkd.data.translation import load_multi30k, load_translation_splits
+
+    languages = {"source_lang": data_args.source_lang, "target_lang": data_args.target_lang}
+    if data_args.dataset == "multi30k":
+        corpus = load_multi30k(_data_dir(data_args), tokenized=data_args.pretokenized, **languages)
+    else:
+        root = data_args.dataset
+        if _data_dir(data_args) and not os.path.isabs(root) and os.path.isdir(os.path.join(_data_dir(data_args), root)):
+            root = os.path.join(_data_dir(data_args), root)
+        corpus = load_translation_splits(root, data_args.source_lang, data_args.target_lang)
+    if data_args.max_train_examples is not None:
+        corpus["train"] = corpus["train"].select(range(min(data_args.max_train_examples, len(corpus["train"]))))
+    return corpus
+
+
+def build_translation_tokenizer(data_args: DataArguments, corpus, teacher_path: str | None = None):
+    from seqkd.data.translation import train_translation_tokenizer
+
+    if teacher_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(teacher_path)
+    if data_args.tokenizer not in ("word", "bpe") and os.path.isdir(data_args.tokenizer):
+        return AutoTokenizer.from_pretrained(data_args.tokenizer)
+    return train_translation_tokenizer(
+        corpus["train"], data_args.bpe_vocab_size, model=data_args.tokenizer_model, pretokenized=data_args.pretokenized
+    )
+
+
+def build_translation_datasets(corpus, tokenizer, data_args: DataArguments, splits: list[str]):
+    from seqkd.data.translation import filter_by_length, tokenize_translation
+
+    for split in ["train", *splits]:
+        if split not in corpus:
+            raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+    corpus = filter_by_length(corpus, tokenizer, min_tokens=1, max_tokens=data_args.max_source_length)
+    tokenized = tokenize_translation(
+        corpus, tokenizer, max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length
+    )
+    return tokenized["train"], {split: tokenized[split] for split in splits}
 
 
 def _uses_streams(model: PreTrainedModel, data_args: DataArguments) -> bool:
@@ -263,13 +381,25 @@ def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bo
 
 
 def _prepare(model_args, data_args, args, teacher_path=None):
+    """The tokenizer, a model builder, one built model, the train set, the evaluation sets and the collator."""
+    splits = [s.strip() for s in data_args.eval_splits.split(",") if s.strip()]
+    if _is_translation(data_args, model_args):
+        from seqkd.data.translation import translation_collator
+
+        if data_args.pretokenized and args.bleu_tokenize == "13a":
+            args.bleu_tokenize = "none"
+        corpus = load_parallel_corpus(data_args)
+        tokenizer = build_translation_tokenizer(data_args, corpus, teacher_path)
+        build = model_factory(model_args, tokenizer)
+        probe = build()
+        train, evals = build_translation_datasets(corpus, tokenizer, data_args, splits)
+        return tokenizer, build, probe, train, evals, translation_collator(tokenizer, probe)
     corpus = load_corpus(data_args)
     tokenizer = build_tokenizer(data_args, corpus, teacher_path)
     build = model_factory(model_args, tokenizer)
     probe = build()
-    splits = [s.strip() for s in data_args.eval_splits.split(",") if s.strip()]
     train, evals = build_datasets(corpus, tokenizer, data_args, args, _uses_streams(probe, data_args), splits)
-    return tokenizer, build, probe, train, evals
+    return tokenizer, build, probe, train, evals, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -310,18 +440,22 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     if teacher_path and not os.path.isdir(teacher_path):
         raise FileNotFoundError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
     set_seed(args.seed)
-    tokenizer, _, student, train, evals = _prepare(model_args, data_args, args, teacher_path)
+    tokenizer, _, student, train, evals, collator = _prepare(model_args, data_args, args, teacher_path)
     first = next(iter(evals))
     trainer = DistillationTrainer(
-        model=student, args=args, train_dataset=train, eval_dataset=evals[first], processing_class=tokenizer
-    )
+        model=student, args=args, train_dataset=train, eval_dataset=evals[first], processing_class=tokenizer,
+        data_collator=collator,
+    )  # fmt: skip
     resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     output = trainer.train(resume_from_checkpoint=resume)
-    metrics = {"train_loss": output.metrics.get("train_loss"), "train_runtime_s": output.metrics.get("train_runtime")}
+    metrics = {
+        "train_loss": output.metrics.get("train_loss"),
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "world_size": args.world_size,
+    }
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)
-        metrics[f"{split}_perplexity"] = result[f"{split}_perplexity"]
-        metrics[f"{split}_loss"] = result[f"{split}_loss"]
+        metrics.update({k: v for k, v in result.items() if k.startswith(split) and not k.endswith("_tokens")})
     _save_final(trainer, args.output_dir, metrics)
     if trainer.is_world_process_zero():
         print(json.dumps(metrics, indent=2))
@@ -332,10 +466,11 @@ def command_born_again(argv: list[str]) -> list[dict]:
     from seqkd.born_again import run_born_again
 
     model_args, data_args, args, born_again_args = parse_command_line("born-again", argv)
-    tokenizer, build, _, train, evals = _prepare(model_args, data_args, args)
+    tokenizer, build, _, train, evals, collator = _prepare(model_args, data_args, args)
     results = run_born_again(
-        build, args, born_again_args, train_dataset=train, eval_datasets=evals, processing_class=tokenizer
-    )
+        build, args, born_again_args, train_dataset=train, eval_datasets=evals, processing_class=tokenizer,
+        data_collator=collator,
+    )  # fmt: skip
     if args.process_index == 0:
         with open(os.path.join(args.output_dir, "results.md")) as f:
             print(f.read())
@@ -346,7 +481,7 @@ def command_evaluate(argv: list[str]) -> dict:
     from torch.utils.data import DataLoader
 
     from seqkd.data.text import StreamBatches
-    from seqkd.evaluation import check_vocab_size, corpus_perplexity
+    from seqkd.evaluation import check_vocab_size, corpus_perplexity, teacher_stability
 
     model_args, data_args, args, eval_args = parse_command_line("evaluate", argv)
     path = eval_args.model_name_or_path
@@ -354,22 +489,41 @@ def command_evaluate(argv: list[str]) -> dict:
         raise ValueError("seqkd evaluate needs --model_name_or_path (a saved model folder)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model_name_or_path {path!r} does not exist")
-    model = AutoModelForCausalLM.from_pretrained(path).to(args.device)
+    model = _load_saved_model(path).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_vocab_size(tokenizer, model)
-    corpus = load_corpus(data_args)
-    data_args = dataclasses.replace(data_args, eval_splits=eval_args.split)
-    _, evals = build_datasets(
-        corpus, tokenizer, data_args, args, _uses_streams(model, data_args), [eval_args.split]
-    )
-    dataset = evals[eval_args.split]
-    if isinstance(dataset, StreamBatches):
-        loader = DataLoader(dataset, batch_size=None, shuffle=False)
+    split = eval_args.split
+    metrics = {"model": path, "split": split}
+    if model.config.is_encoder_decoder:
+        from seqkd.data.translation import translation_collator
+        from seqkd.evaluation import bleu_eval
+
+        corpus = load_parallel_corpus(data_args)
+        if split not in corpus:
+            raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+        _, evals = build_translation_datasets(corpus, tokenizer, data_args, [split])
+        tokenize = "none" if data_args.pretokenized else args.bleu_tokenize
+        bleu = bleu_eval(
+            model, tokenizer, corpus[split], num_beams=args.generation_num_beams or 1,
+            max_new_tokens=args.generation_max_length or 128, batch_size=args.per_device_eval_batch_size,
+            tokenize=tokenize,
+        )  # fmt: skip
+        metrics.update({"bleu": bleu["bleu"], "chrf": bleu["chrf"], "bleu_signature": bleu["signature"]})
+        loader = DataLoader(
+            evals[split], batch_size=args.per_device_eval_batch_size, collate_fn=translation_collator(tokenizer)
+        )
     else:
-        loader = DataLoader(dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size)
-    result = corpus_perplexity(model, loader, device=args.device, desc=eval_args.split)
-    metrics = {"model": path, "split": eval_args.split, "perplexity": result["perplexity"],
-               "loss": result["loss"], "tokens": result["tokens"]}
+        corpus = load_corpus(data_args)
+        _, evals = build_datasets(corpus, tokenizer, data_args, args, _uses_streams(model, data_args), [split])
+        dataset = evals[split]
+        if isinstance(dataset, StreamBatches):
+            loader = DataLoader(dataset, batch_size=None, shuffle=False)
+        else:
+            loader = DataLoader(dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size)
+    result = corpus_perplexity(model, loader, device=args.device, desc=split)
+    metrics.update({"perplexity": result["perplexity"], "loss": result["loss"], "tokens": result["tokens"]})
+    if eval_args.stability:
+        metrics["stability"] = teacher_stability(model, loader, device=args.device)["stability"]
     print(json.dumps(metrics, indent=2))
     return metrics
 
@@ -379,7 +533,7 @@ USAGE = f"""usage: seqkd {{{",".join(COMMANDS)}}} [RECIPE.yaml] [--field value .
   train        train a model from labels (loss ce or ls)
   distill      train a student from a saved teacher (--teacher_model_name_or_path)
   born-again   a Born-Again chain: generation 0 from labels, each next one from the last, and their ensemble
-  evaluate     perplexity of a saved model on a split (--model_name_or_path, --split)
+  evaluate     perplexity (and BLEU, chrF for translation; --stability) of a saved model on a split
 
 `seqkd COMMAND --help` lists every field of the recipe with its help.
 """

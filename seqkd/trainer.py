@@ -93,6 +93,13 @@ class DistillationArguments(Seq2SeqTrainingArguments):
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per chunk inside the loss (memory vs. speed); default automatic."}
     )
+    bleu_tokenize: str = field(
+        default="13a",
+        metadata={
+            "help": "sacreBLEU tokenizer for BLEU at evaluation (with predict_with_generate): '13a' for detokenized "
+            "text, 'none' for references that are already tokenized (e.g. Multi30k's tok/ files)."
+        },
+    )
 
     def __post_init__(self):
         _check_choice("loss", self.loss, LOSS_NAMES)
@@ -360,10 +367,47 @@ class DistillationTrainer(Seq2SeqTrainer):
             f"{metric_key_prefix}_perplexity": math.exp(min(mean, 700.0)),
             f"{metric_key_prefix}_tokens": int(tokens),
         }
+        if self.args.predict_with_generate and model.config.is_encoder_decoder:
+            metrics.update(self._bleu(model, dataloader, metric_key_prefix, **gen_kwargs))
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+    def _bleu(self, model, dataloader, prefix: str, **gen_kwargs) -> dict[str, float]:
+        """Corpus BLEU and chrF of greedy or beam outputs against the decoded labels, over all processes."""
+        from accelerate.utils import gather_object
+
+        from seqkd.evaluation import corpus_bleu, corpus_chrf
+
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            raise ValueError("BLEU at evaluation needs the tokenizer: pass processing_class= to the trainer")
+        gen_kwargs = {
+            "num_beams": self.args.generation_num_beams or 1,
+            "max_new_tokens": self.args.generation_max_length or 128,
+            **gen_kwargs,
+        }
+        hypotheses, references = [], []
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch in dataloader:
+                batch = self._prepare_inputs(batch)
+                generated = model.generate(
+                    input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), **gen_kwargs
+                )
+                labels = batch["labels"].masked_fill(batch["labels"] == -100, tokenizer.pad_token_id)
+                hypotheses += tokenizer.batch_decode(generated, skip_special_tokens=True)
+                references += tokenizer.batch_decode(labels, skip_special_tokens=True)
+        model.train(was_training)
+        if self.accelerator.num_processes > 1:
+            hypotheses, references = gather_object(hypotheses), gather_object(references)
+        hypotheses = [h.strip() for h in hypotheses]
+        references = [r.strip() for r in references]
+        bleu = corpus_bleu(hypotheses, references, tokenize=self.args.bleu_tokenize)
+        chrf = corpus_chrf(hypotheses, references)
+        return {f"{prefix}_bleu": bleu["score"], f"{prefix}_chrf": chrf["score"]}
 
     # ---- checkpoints -------------------------------------------------------------------------------------
 

@@ -90,3 +90,27 @@ def tiny_word_tokenizer():
     from seqkd.data import train_word_tokenizer
 
     return train_word_tokenizer(TINY_CORPUS["train"])
+
+
+# A small learnable language for training tests: each line is a run of a fixed word cycle.
+CYCLE_WORDS = "the cat sat on a mat while dog ran far away and then".split()
+
+
+def cyclic_lines(count: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        start = rng.randrange(len(CYCLE_WORDS))
+        lines.append(" ".join(CYCLE_WORDS[(start + i) % len(CYCLE_WORDS)] for i in range(rng.randint(4, 9))))
+    return lines
+
+
+@pytest.fixture(scope="module")
+def cyclic_corpus_dir(tmp_path_factory) -> Path:
+    """``train.txt`` (400 lines), ``validation.txt`` and ``test.txt`` (60 lines each) of the cyclic language."""
+    root = tmp_path_factory.mktemp("cyclic")
+    for seed, (split, count) in enumerate((("train", 400), ("validation", 60), ("test", 60))):
+        (root / f"{split}.txt").write_text("\n".join(cyclic_lines(count, seed)) + "\n")
+    return root

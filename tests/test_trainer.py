@@ -1,27 +1,21 @@
 """DistillationTrainer: teacher handling, loss logging, accumulation, TBPTT state, resume, atomic checkpoints."""
 
 import os
-import random
 
 import pytest
 import torch
+from conftest import cyclic_lines
 from safetensors.torch import load_file
 
 from seqkd.data.text import StreamBatches, encode_stream, group_texts, train_word_tokenizer
 from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
 from seqkd.trainer import DistillationArguments, DistillationTrainer
 
-WORDS = "the cat sat on a mat while dog ran far away and then".split()
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    rng = random.Random(0)
-    # A learnable language: each line is a rotation of a fixed word cycle.
-    lines = []
-    for _ in range(300):
-        start = rng.randrange(len(WORDS))
-        lines.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(4, 9))))
+    lines = cyclic_lines(300)
     tokenizer = train_word_tokenizer(lines)
     ids = encode_stream(tokenizer, lines)
     return tokenizer, lines, ids

@@ -1,4 +1,5 @@
-"""Data pipelines. One module per data family; ``text`` is language modelling."""
+"""Data pipelines. One module per data family; ``text`` is language modelling, ``translation``
+parallel corpora for machine translation."""
 
 from seqkd.data.text import (
     PTB_FILES,
@@ -16,6 +17,20 @@ from seqkd.data.text import (
     train_bpe_tokenizer,
     train_word_tokenizer,
 )
+from seqkd.data.translation import (
+    MULTI30K_HUB_NAME,
+    MULTI30K_TOK_VARIANT,
+    TRANSLATION_SPLIT_ALIASES,
+    filter_by_length,
+    find_parallel_files,
+    load_multi30k,
+    load_translation_splits,
+    make_tokenize_function,
+    read_lines,
+    tokenize_translation,
+    train_translation_tokenizer,
+    translation_collator,
+)
 
 __all__ = [
     "PTB_FILES",
@@ -32,4 +47,17 @@ __all__ = [
     "stream_dataloader",
     "train_bpe_tokenizer",
     "train_word_tokenizer",
+    # translation
+    "MULTI30K_HUB_NAME",
+    "MULTI30K_TOK_VARIANT",
+    "TRANSLATION_SPLIT_ALIASES",
+    "filter_by_length",
+    "find_parallel_files",
+    "load_multi30k",
+    "load_translation_splits",
+    "make_tokenize_function",
+    "read_lines",
+    "tokenize_translation",
+    "train_translation_tokenizer",
+    "translation_collator",
 ]

@@ -15,6 +15,16 @@ from seqkd.models.lstm import (
     LSTMLMConfig,
     LSTMPreTrainedModel,
 )
+from seqkd.models.lstm_seq2seq import (
+    LSTMForConditionalGeneration,
+    LSTMSeq2SeqConfig,
+    LSTMSeq2SeqDecoder,
+    LSTMSeq2SeqEncoder,
+    LSTMSeq2SeqEncoderOutput,
+    LSTMSeq2SeqGenerationState,
+    LSTMSeq2SeqLMOutput,
+    LSTMSeq2SeqPreTrainedModel,
+)
 from seqkd.models.transformer import (
     CAUSAL_LM_PRESETS,
     SEQ2SEQ_PRESETS,
@@ -28,6 +38,14 @@ __all__ = [
     "LSTMForCausalLM",
     "LSTMCausalLMOutput",
     "LSTMGenerationState",
+    "LSTMSeq2SeqConfig",
+    "LSTMSeq2SeqPreTrainedModel",
+    "LSTMSeq2SeqEncoder",
+    "LSTMSeq2SeqDecoder",
+    "LSTMForConditionalGeneration",
+    "LSTMSeq2SeqEncoderOutput",
+    "LSTMSeq2SeqLMOutput",
+    "LSTMSeq2SeqGenerationState",
     "CAUSAL_LM_PRESETS",
     "SEQ2SEQ_PRESETS",
     "build_causal_lm",

@@ -1,0 +1,159 @@
+"""The seqkd command: recipes, overrides, train / distill / born-again / evaluate end to end on a tiny corpus."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from seqkd.born_again import GenerationEnsemble
+from seqkd.cli import main, parse_command_line
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(cyclic_corpus_dir):
+    return cyclic_corpus_dir
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipes") / "tiny.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": "lstm",
+                "model_config": {"embedding_size": 24, "hidden_size": 24, "num_layers": 1, "embedding_dropout": 0.0,
+                                 "layer_dropout": 0.0, "output_dropout": 0.0},
+                "batching": "stream", "seq_len": 8, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 2,
+                "loss": "ce", "optim": "sgd", "learning_rate": 5.0, "max_grad_norm": 0.5, "num_train_epochs": 2,
+                "lr_scheduler_type": "reduce_lr_on_plateau",
+                "lr_scheduler_kwargs": {"factor": 0.25, "patience": 0, "threshold": 0.0},
+                "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 20,
+                "report_to": "none", "disable_tqdm": True, "use_cpu": True, "seed": 3,
+            }
+        )  # fmt: skip
+    )
+    return path
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_help_lists_commands_and_every_field(capsys):
+    assert run("--help") == 0
+    usage = capsys.readouterr().out
+    assert all(command in usage for command in ("train", "distill", "born-again", "evaluate"))
+    with pytest.raises(SystemExit) as exit_info:
+        run("born-again", "--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for field in ("--kd_weight", "--num_generations", "--data_dir", "--teacher_model_name_or_path", "--seq_len"):
+        assert field in text
+    assert "Ramp the distillation term's weight linearly" in " ".join(text.split())
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "seqkd", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "born-again" in result.stdout
+
+
+def test_command_line_overrides_the_recipe(recipe, tmp_path):
+    model_args, data_args, args = parse_command_line(
+        "train", [str(recipe), "--learning_rate", "0.5", "--output_dir", str(tmp_path), "--seq_len", "12"]
+    )
+    assert args.learning_rate == 0.5 and data_args.seq_len == 12
+    assert json.loads(model_args.model_config)["hidden_size"] == 24
+    assert args.lr_scheduler_kwargs == {"factor": 0.25, "patience": 0, "threshold": 0.0}
+
+
+def test_bad_recipes_are_refused(tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model: lstm\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown fields \['learning_rat'\]"):
+        parse_command_line("train", [str(unknown)])
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(yaml.YAMLError):
+        parse_command_line("train", [str(unsafe)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        parse_command_line("train", [str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_shipped_recipes_parse(name, tmp_path):
+    parse_command_line("born-again", [str(REPO / "recipes" / name), "--output_dir", str(tmp_path), "--use_cpu", "true"])
+
+
+def test_train_distill_evaluate(recipe, corpus_dir, tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"
+    run("train", recipe, "--dataset", corpus_dir, "--output_dir", teacher_dir)
+    metrics = json.loads((teacher_dir / "model" / "metrics.json").read_text())
+    assert metrics["test_perplexity"] < 14  # uniform over the 15-token vocabulary would be 15
+    assert (teacher_dir / "model" / "model.safetensors").is_file()
+    assert (teacher_dir / "model" / "tokenizer.json").is_file()
+
+    capsys.readouterr()
+    run("evaluate", recipe, "--dataset", corpus_dir, "--model_name_or_path", teacher_dir / "model", "--split", "test",
+        "--output_dir", tmp_path / "eval")  # fmt: skip
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-6)
+
+    student_dir = tmp_path / "student"
+    run("distill", recipe, "--dataset", corpus_dir, "--output_dir", student_dir, "--loss", "dkd", "--beta", "2.0",
+        "--teacher_model_name_or_path", teacher_dir / "model")  # fmt: skip
+    student = json.loads((student_dir / "model" / "metrics.json").read_text())
+    assert student["test_perplexity"] < 14
+    state = json.loads(next((student_dir).glob("checkpoint-*/trainer_state.json")).read_text())
+    assert any("loss_nckd" in entry for entry in state["log_history"])
+
+
+def test_distill_and_train_refuse_a_missing_teacher(recipe, corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="seqkd distill needs --teacher_model_name_or_path"):
+        run("distill", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path, "--loss", "kd")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run("distill", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path, "--loss", "kd",
+            "--teacher_model_name_or_path", tmp_path / "nothing")  # fmt: skip
+    with pytest.raises(ValueError, match="loss 'kd' needs a teacher"):
+        run("train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path, "--loss", "kd")
+
+
+def test_born_again_writes_generations_results_plot_and_skips_finished_ones(recipe, corpus_dir, tmp_path, capsys):
+    out = tmp_path / "ban"
+    argv = ["born-again", recipe, "--dataset", corpus_dir, "--output_dir", out, "--loss", "ban", "--num_generations", "1"]
+    run(*argv)
+    for generation in (0, 1):
+        assert (out / f"gen-{generation}" / "model" / "model.safetensors").is_file()
+        metrics = json.loads((out / f"gen-{generation}" / "metrics.json").read_text())
+        assert metrics["loss"] == ("ce" if generation == 0 else "ban")
+    results = (out / "results.md").read_text()
+    assert "| 0 | ce |" in results and "| 1 | ban |" in results and "| ensemble |" in results
+    assert (out / "perplexity.png").stat().st_size > 1000
+    stamp = (out / "gen-1" / "model" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    run(*argv)  # a restart: both generations are finished, only the ensemble is evaluated again
+    assert (out / "gen-1" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "| ensemble |" in capsys.readouterr().out
+
+
+def test_ensemble_is_the_mean_of_the_members_probabilities():
+    from seqkd.models import LSTMForCausalLM, LSTMLMConfig
+
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(LSTMForCausalLM(LSTMLMConfig(vocab_size=11, embedding_size=8, hidden_size=8, num_layers=1)).eval())
+    ids = torch.randint(0, 11, (2, 5))
+    out = GenerationEnsemble(members)(input_ids=ids)
+    expected = (members[0](input_ids=ids).logits.softmax(-1) + members[1](input_ids=ids).logits.softmax(-1)) / 2
+    torch.testing.assert_close(out.logits.exp(), expected)
+    assert len(out.state) == 2
+    # Carrying the members' states: two halves equal one pass.
+    first = GenerationEnsemble(members)(input_ids=ids[:, :3])
+    second = GenerationEnsemble(members)(input_ids=ids[:, 3:], state=first.state)
+    torch.testing.assert_close(second.logits, out.logits[:, 3:])
