@@ -248,13 +248,15 @@ class DistillationTrainer(Seq2SeqTrainer):
         )
 
     def get_train_dataloader(self) -> DataLoader:
-        return self._stream_dataloader(self.train_dataset) or super().get_train_dataloader()
+        loader = self._stream_dataloader(self.train_dataset)
+        return loader if loader is not None else super().get_train_dataloader()
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         if isinstance(eval_dataset, str):
             eval_dataset = self.eval_dataset[eval_dataset]
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        return self._stream_dataloader(dataset) or super().get_eval_dataloader(eval_dataset)
+        loader = self._stream_dataloader(dataset)
+        return loader if loader is not None else super().get_eval_dataloader(eval_dataset)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Stream batches carry `shift_labels` only; transformers counts tokens only when `labels` are present.
