@@ -72,13 +72,14 @@ __all__ = [
 # --------------------------------------------------------------------------- #
 # Splits
 # --------------------------------------------------------------------------- #
-def _canonical_split(name: str) -> str:
-    for canon, aliases in SPLIT_ALIASES.items():
-        if name in aliases:
+def canonical_split(name: str, aliases: Mapping[str, Sequence[str]] = SPLIT_ALIASES) -> str:
+    """The canonical name (train / validation / test) of a split called ``name`` under ``aliases``."""
+    for canon, names in aliases.items():
+        if name in names:
             return canon
     raise ValueError(
         f"unknown split {name!r}: expected one of "
-        + ", ".join(f"{c} (aliases: {', '.join(a)})" for c, a in SPLIT_ALIASES.items())
+        + ", ".join(f"{c} (aliases: {', '.join(a)})" for c, a in aliases.items())
     )
 
 
@@ -111,7 +112,7 @@ def find_split_files(
         raise FileNotFoundError(f"data directory {str(root)!r} does not exist or is not a directory")
     found: dict[str, Path] = {}
     for split in splits:
-        canon = _canonical_split(split)
+        canon = canonical_split(split)
         names = _candidate_names(canon)
         path = next((root / n for n in names if (root / n).is_file()), None)
         patterns = [f"*.{a}.txt" for a in SPLIT_ALIASES[canon]]
@@ -210,7 +211,7 @@ def load_text_splits(
     """
     import datasets
 
-    canon_splits = [_canonical_split(s) for s in splits]
+    canon_splits = [canonical_split(s) for s in splits]
     if not canon_splits:
         raise ValueError("splits must name at least one split")
 
@@ -218,7 +219,7 @@ def load_text_splits(
     if files is not None or _looks_local(source):
         root = Path(source).expanduser()
         paths: dict[str, Path] = {}
-        explicit = {_canonical_split(k): Path(v) for k, v in (files or {}).items()}
+        explicit = {canonical_split(k): Path(v) for k, v in (files or {}).items()}
         for split, p in explicit.items():
             p = p if p.is_absolute() else root / p
             if split in canon_splits and not p.is_file():
@@ -242,7 +243,7 @@ def load_text_splits(
     by_canon: dict[str, str] = {}
     for name in loaded:
         try:
-            by_canon.setdefault(_canonical_split(name), name)
+            by_canon.setdefault(canonical_split(name), name)
         except ValueError:
             continue
     for split in canon_splits:
@@ -308,7 +309,7 @@ def load_ptb(
     root = Path(data_dir).expanduser()
     if not (root / PTB_FILES["train"]).is_file() and (root / "ptb" / PTB_FILES["train"]).is_file():
         root = root / "ptb"
-    canon = [_canonical_split(s) for s in splits]
+    canon = [canonical_split(s) for s in splits]
     files = {s: PTB_FILES[s] for s in canon if (root / PTB_FILES[s]).is_file()}
     return load_text_splits(root, splits=canon, files=files or None)
 

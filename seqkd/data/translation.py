@@ -34,6 +34,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from seqkd.data.text import canonical_split
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Canonical split names of the returned :class:`~datasets.DatasetDict`."""
 
@@ -76,13 +78,7 @@ __all__ = [
 # Splits
 # --------------------------------------------------------------------------- #
 def _canonical_split(name: str) -> str:
-    for canon, aliases in TRANSLATION_SPLIT_ALIASES.items():
-        if name in aliases:
-            return canon
-    raise ValueError(
-        f"unknown split {name!r}: expected one of "
-        + ", ".join(f"{c} (aliases: {', '.join(a)})" for c, a in TRANSLATION_SPLIT_ALIASES.items())
-    )
+    return canonical_split(name, TRANSLATION_SPLIT_ALIASES)
 
 
 def _check_langs(source_lang: str, target_lang: str) -> None:
