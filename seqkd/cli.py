@@ -162,12 +162,14 @@ def _recipe_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a mapping of field: value, got {type(recipe).__name__}")
     known = {action.dest for action in parser._actions}
-    unknown = sorted(set(recipe) - known)
+    # One recipe serves every command: fields of another command (num_generations for `evaluate`, say) are skipped.
+    every_field = {f.name for command in COMMANDS for cls in _parser(command).dataclass_types for f in dataclasses.fields(cls)}
+    unknown = sorted(set(recipe) - every_field)
     if unknown:
         raise ValueError(f"recipe {path} has unknown fields {unknown}; `seqkd COMMAND --help` lists the fields")
     argv = []
     for key, value in recipe.items():
-        if value is None:
+        if value is None or key not in known:
             continue
         if isinstance(value, dict):
             value = json.dumps(value)

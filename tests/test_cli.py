@@ -178,3 +178,10 @@ def test_ensemble_is_the_mean_of_the_members_probabilities():
     first = GenerationEnsemble(members)(input_ids=ids[:, :3])
     second = GenerationEnsemble(members)(input_ids=ids[:, 3:], state=first.state)
     torch.testing.assert_close(second.logits, out.logits[:, 3:])
+
+
+def test_a_born_again_recipe_serves_every_command(tmp_path):
+    recipe = REPO / "recipes" / "ban_lstm_ptb_small.yaml"
+    _, _, args, eval_args = parse_command_line("evaluate", [str(recipe), "--model_name_or_path", "m", "--output_dir", str(tmp_path)])
+    assert args.learning_rate == 20.0 and eval_args.model_name_or_path == "m"
+    parse_command_line("train", [str(recipe), "--loss", "ce", "--output_dir", str(tmp_path)])
