@@ -400,8 +400,12 @@ def _prepare(model_args, data_args, args, teacher_path=None):
     tokenizer = build_tokenizer(data_args, corpus, teacher_path)
     build = model_factory(model_args, tokenizer)
     probe = build()
-    train, evals = build_datasets(corpus, tokenizer, data_args, args, _uses_streams(probe, data_args), splits)
-    return tokenizer, build, probe, train, evals, None
+    streams = _uses_streams(probe, data_args)
+    train, evals = build_datasets(corpus, tokenizer, data_args, args, streams, splits)
+    # Fixed-length blocks need no padding (the word tokenizer has no pad token): stack them as they are.
+    from transformers import default_data_collator
+
+    return tokenizer, build, probe, train, evals, None if streams else default_data_collator
 
 
 # --------------------------------------------------------------------------------------------------------

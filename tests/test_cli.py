@@ -185,3 +185,11 @@ def test_a_born_again_recipe_serves_every_command(tmp_path):
     _, _, args, eval_args = parse_command_line("evaluate", [str(recipe), "--model_name_or_path", "m", "--output_dir", str(tmp_path)])
     assert args.learning_rate == 20.0 and eval_args.model_name_or_path == "m"
     parse_command_line("train", [str(recipe), "--loss", "ce", "--output_dir", str(tmp_path)])
+
+
+def test_transformer_lm_on_blocks(recipe, corpus_dir, tmp_path):
+    out = tmp_path / "gpt2"
+    run("train", recipe, "--dataset", corpus_dir, "--output_dir", out, "--model", "gpt2-tiny", "--batching", "blocks",
+        "--optim", "adamw_torch", "--learning_rate", "0.003", "--lr_scheduler_type", "constant", "--max_grad_norm", "1.0")  # fmt: skip
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["test_perplexity"] < 14
