@@ -33,6 +33,7 @@ __all__ = [
     "DIVERGENCES",
     "LOSS_NAMES",
     "LossOutput",
+    "SparseTeacher",
     "cwtm_loss",
     "distillation_loss",
     "dkd_loss",
@@ -56,6 +57,68 @@ class LossOutput:
 
     loss: Tensor
     parts: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SparseTeacher:
+    """A teacher's distributions kept as their top-k entries, as a teacher cache stores them.
+
+    ``ids`` ``[..., k]`` (integer token ids) and ``logprobs`` ``[..., k]`` (their log-probabilities at
+    temperature 1, any float dtype) per token; the residual mass ``1 - sum(exp(logprobs))`` is spread uniformly
+    over the other ``V - k`` tokens (with ``k = V`` the distribution is exact). Pass it as ``teacher_logits``
+    to any loss: it is expanded to dense log-probabilities one chunk of tokens at a time, so memory stays
+    ``O(N * k)`` plus the chunks. A temperature T then applies to the expanded distribution (``q ** (1/T)``,
+    renormalised), tail included.
+    """
+
+    def __init__(self, ids: Tensor, logprobs: Tensor, vocab_size: int):
+        if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"SparseTeacher ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
+        if not isinstance(logprobs, Tensor) or not logprobs.dtype.is_floating_point:
+            raise ValueError("SparseTeacher logprobs must be a float tensor")
+        if ids.shape != logprobs.shape or ids.dim() < 1:
+            raise ValueError(
+                f"SparseTeacher ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must have one shape [..., k]"
+            )
+        k = ids.shape[-1]
+        if not 1 <= k <= vocab_size:
+            raise ValueError(f"SparseTeacher holds k = {k} entries per token; k must be in [1, vocab_size={vocab_size}]")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"SparseTeacher ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        self.ids, self.logprobs, self.vocab_size = ids, logprobs, vocab_size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.ids.shape[:-1], self.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logprobs.dtype
+
+    def flatten_tokens(self) -> "SparseTeacher":
+        k = self.ids.shape[-1]
+        return SparseTeacher(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.vocab_size)
+
+    def dense_logprobs(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        """Rows ``start:stop`` (of the flattened tokens) as dense ``[n, V]`` log-probabilities."""
+        ids, logprobs = self.ids[start:stop].long(), self.logprobs[start:stop].to(dtype)
+        tail = self.vocab_size - ids.shape[-1]
+        if tail > 0:
+            residual = (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp(min=0.0)
+            tail_logprob = torch.log(residual) - math.log(tail)
+        else:
+            tail_logprob = torch.full(ids.shape[:1], -math.inf, dtype=dtype, device=ids.device)
+        dense = tail_logprob[:, None].expand(ids.shape[0], self.vocab_size).clone()
+        return dense.scatter_(1, ids, logprobs)
+
+
+def _teacher_rows(teacher, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+    if isinstance(teacher, SparseTeacher):
+        return teacher.dense_logprobs(start, stop, dtype)
+    return teacher[start:stop].to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +165,8 @@ def _check_inputs(
     _check_logits("student_logits", student_logits)
     vocab_size = student_logits.shape[-1]
     if teacher_logits is not None:
-        _check_logits("teacher_logits", teacher_logits)
+        if not isinstance(teacher_logits, SparseTeacher):
+            _check_logits("teacher_logits", teacher_logits)
         if teacher_logits.shape[-1] != vocab_size:
             raise ValueError(
                 f"teacher vocabulary size ({teacher_logits.shape[-1]}) differs from the student's ({vocab_size}): "
@@ -301,11 +365,11 @@ def _dkpp_kernel(s, t, y, aux, params, want_grad):
     return loss, loss[None], grad
 
 
-def _max_probability(teacher_logits: Tensor, temperature: float, chunk_rows: int) -> Tensor:
+def _max_probability(teacher_logits, temperature: float, chunk_rows: int) -> Tensor:
     compute_dtype = _compute_dtype(teacher_logits.dtype)
     out = torch.empty(teacher_logits.shape[0], dtype=compute_dtype, device=teacher_logits.device)
     for start in range(0, teacher_logits.shape[0], chunk_rows):
-        t = teacher_logits[start : start + chunk_rows].to(compute_dtype) / temperature
+        t = _teacher_rows(teacher_logits, start, start + chunk_rows, compute_dtype) / temperature
         out[start : start + chunk_rows] = (t.amax(-1) - torch.logsumexp(t, -1)).exp()
     return out
 
@@ -352,7 +416,9 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 grad[start:stop] = chunk_grad
         losses.mul_(valid)
         parts.mul_(valid)
-        ctx.save_for_backward(student, teacher, labels, valid, aux)
+        ctx.save_for_backward(student, labels, valid, aux)
+        # The teacher needs no gradient; it may also be a SparseTeacher, which save_for_backward cannot hold.
+        ctx.teacher = teacher
         ctx.kernel, ctx.params, ctx.chunk_rows = kernel, params, chunk_rows
         ctx.grad_buffer = grad  # not a saved tensor: the first backward consumes it in place
         ctx.mark_non_differentiable(parts)
@@ -360,7 +426,8 @@ class _ChunkedTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses, grad_parts):
-        student, teacher, labels, valid, aux = ctx.saved_tensors
+        student, labels, valid, aux = ctx.saved_tensors
+        teacher = ctx.teacher
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
         grad_scale = (grad_losses * valid).to(_compute_dtype(student.dtype))
@@ -383,7 +450,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
 def _chunk_args(student, teacher, labels, aux, start, stop, compute_dtype):
     return (
         student[start:stop].to(compute_dtype),
-        None if teacher is None else teacher[start:stop].to(compute_dtype),
+        None if teacher is None else _teacher_rows(teacher, start, stop, compute_dtype),
         labels[start:stop],
         None if aux is None else aux[start:stop],
     )
@@ -407,7 +474,12 @@ def _token_loss(
     token_shape = student_logits.shape[:-1]
     vocab_size = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab_size)
-    teacher = None if teacher_logits is None else teacher_logits.detach().reshape(-1, vocab_size)
+    if teacher_logits is None:
+        teacher = None
+    elif isinstance(teacher_logits, SparseTeacher):
+        teacher = teacher_logits.flatten_tokens()
+    else:
+        teacher = teacher_logits.detach().reshape(-1, vocab_size)
     if labels is None:
         valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
         flat_labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)

@@ -1,0 +1,78 @@
+"""Sparse (top-k) teachers, as a teacher cache stores them, in every loss."""
+
+import math
+
+import pytest
+import torch
+
+from seqkd.losses import SparseTeacher, distillation_loss, kd_loss
+from test_losses import ALL_LOSSES, grad_of, make_inputs
+
+TEACHER_LOSSES = sorted(name for name in ALL_LOSSES if name != "ls")
+
+
+def top_k(teacher_logits, k, dtype=torch.float64):
+    logprobs = torch.log_softmax(teacher_logits.double(), -1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return SparseTeacher(ids.to(torch.int32), values.to(dtype), teacher_logits.shape[-1])
+
+
+def expanded(teacher_logits, k):
+    """The dense distribution a top-k teacher stands for, built by hand: the tail shares the residual mass."""
+    q = torch.softmax(teacher_logits.double(), -1)
+    values, ids = q.topk(k, dim=-1)
+    residual = 1 - values.sum(-1, keepdim=True)
+    dense = (residual / (q.shape[-1] - k)).expand_as(q).clone()
+    return dense.scatter(-1, ids, values).log()
+
+
+@pytest.mark.parametrize("name", TEACHER_LOSSES)
+def test_k_equal_to_vocabulary_is_the_dense_teacher(name):
+    s, t, y = make_inputs()
+    fn = ALL_LOSSES[name]
+    dense, sparse = fn(s, t, y), fn(s, top_k(t, t.shape[-1]), y)
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    for part in dense.parts:
+        torch.testing.assert_close(sparse.parts[part], dense.parts[part])
+    torch.testing.assert_close(grad_of(sparse.loss, s), grad_of(dense.loss, s))
+
+
+@pytest.mark.parametrize("name", TEACHER_LOSSES)
+@pytest.mark.parametrize("k", [1, 4])
+def test_top_k_spreads_the_residual_mass_over_the_tail(name, k):
+    s, t, y = make_inputs()
+    fn = ALL_LOSSES[name]
+    sparse, reference = fn(s, top_k(t, k), y), fn(s, expanded(t, k), y)
+    torch.testing.assert_close(sparse.loss, reference.loss)
+    torch.testing.assert_close(grad_of(sparse.loss, s), grad_of(reference.loss, s))
+
+
+def test_leading_shape_half_precision_storage_and_chunks():
+    s, t, y = make_inputs(n=24, v=30, dtype=torch.float32)
+    s3, t3, y3 = s.reshape(2, 12, 30), t.reshape(2, 12, 30), y.reshape(2, 12)
+    teacher = top_k(t3, 8, dtype=torch.float16)
+    out = kd_loss(s3, teacher, y3, temperature=2.0, chunk_size=5)
+    reference = kd_loss(s3, expanded(t3, 8).float(), y3, temperature=2.0)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=2e-3, atol=1e-4)  # fp16 log-probabilities
+    combined = distillation_loss("ban", s3, teacher, y3)
+    assert set(combined.parts) == {"ce", "kd"} and math.isfinite(combined.loss.item())
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: SparseTeacher(torch.tensor([[0, 13]]), torch.zeros(1, 2), 13), r"ids must lie in \[0, 13\)"),
+        (lambda: SparseTeacher(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 3), 13), "must have one shape"),
+        (lambda: SparseTeacher(torch.zeros(1, 14, dtype=torch.long), torch.zeros(1, 14), 13), r"k must be in \[1, vocab_size=13\]"),
+        (lambda: SparseTeacher(torch.zeros(1, 2), torch.zeros(1, 2), 13), "ids must be an integer tensor"),
+    ],
+)
+def test_bad_sparse_teachers_are_refused(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_vocabulary_mismatch_names_both_sizes():
+    s, t, y = make_inputs()
+    with pytest.raises(ValueError, match=r"teacher vocabulary size \(20\) differs from the student's \(13\)"):
+        kd_loss(s, SparseTeacher(torch.zeros(23, 2, dtype=torch.long), torch.zeros(23, 2), 20), y)
