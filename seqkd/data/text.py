@@ -83,6 +83,29 @@ def canonical_split(name: str, aliases: Mapping[str, Sequence[str]] = SPLIT_ALIA
     )
 
 
+def load_hub_splits(loader, source, hub_config, splits: Sequence[str], aliases: Mapping[str, Sequence[str]], **kwargs):
+    """``{canonical split: Dataset}`` from ``loader(source, hub_config, **kwargs)`` (a ``datasets.load_dataset``),
+    matching the Hub's split names through ``aliases``; a missing split names the aliases looked for."""
+    import datasets
+
+    loaded = loader(os.fspath(source), hub_config, **kwargs)
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise ValueError(f"load_dataset({source!r}) did not return a DatasetDict (got {type(loaded).__name__})")
+    by_canon: dict[str, str] = {}
+    for name in loaded:
+        try:
+            by_canon.setdefault(canonical_split(name, aliases), name)
+        except ValueError:
+            continue
+    for split in splits:
+        if split not in by_canon:
+            raise ValueError(
+                f"Hub dataset {source!r} has no {split!r} split "
+                f"(looked for {', '.join(aliases[split])}; it has {', '.join(loaded)})"
+            )
+    return {split: loaded[by_canon[split]] for split in splits}
+
+
 def _candidate_names(split: str) -> list[str]:
     """File names looked for, in order of preference, for a canonical split."""
     names: list[str] = []
@@ -237,22 +260,9 @@ def load_text_splits(
         return datasets.DatasetDict(out)
 
     # ---- Hugging Face Hub -------------------------------------------------- #
-    loaded = load_dataset(os.fspath(source), hub_config, **load_dataset_kwargs)
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise ValueError(f"load_dataset({source!r}) did not return a DatasetDict (got {type(loaded).__name__})")
-    by_canon: dict[str, str] = {}
-    for name in loaded:
-        try:
-            by_canon.setdefault(canonical_split(name), name)
-        except ValueError:
-            continue
+    hub_splits = load_hub_splits(load_dataset, source, hub_config, canon_splits, SPLIT_ALIASES, **load_dataset_kwargs)
     for split in canon_splits:
-        if split not in by_canon:
-            raise ValueError(
-                f"Hub dataset {source!r} has no {split!r} split "
-                f"(looked for {', '.join(SPLIT_ALIASES[split])}; it has {', '.join(loaded)})"
-            )
-        ds = loaded[by_canon[split]]
+        ds = hub_splits[split]
         col = text_column
         if col is None:
             if "text" in ds.column_names:
@@ -270,13 +280,13 @@ def load_text_splits(
                 col = str_cols[0]
         if col not in ds.column_names:
             raise ValueError(
-                f"Hub dataset {source!r} split {by_canon[split]!r} has no column {col!r} "
+                f"Hub dataset {source!r} split {split!r} has no column {col!r} "
                 f"(columns: {ds.column_names})"
             )
         ds = ds.select_columns([col])
         if col != "text":
             ds = ds.rename_column(col, "text")
-        _check_not_empty(ds["text"], split, f"Hub dataset {source!r} split {by_canon[split]!r}")
+        _check_not_empty(ds["text"], split, f"Hub dataset {source!r} split {split!r}")
         if drop_empty_lines:
             ds = ds.filter(lambda t: bool(t.strip()), input_columns="text")
         out[split] = ds

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from seqkd.data.text import canonical_split
+from seqkd.data.text import canonical_split, load_hub_splits
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Canonical split names of the returned :class:`~datasets.DatasetDict`."""
@@ -292,29 +292,17 @@ def load_translation_splits(
         return datasets.DatasetDict(out)
 
     # ---- Hugging Face Hub -------------------------------------------------- #
-    loaded = load_dataset(os.fspath(source), hub_config, **load_dataset_kwargs)
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise ValueError(f"load_dataset({source!r}) did not return a DatasetDict (got {type(loaded).__name__})")
-    by_canon: dict[str, str] = {}
-    for name in loaded:
-        try:
-            by_canon.setdefault(_canonical_split(name), name)
-        except ValueError:
-            continue
+    hub_splits = load_hub_splits(
+        load_dataset, source, hub_config, canon_splits, TRANSLATION_SPLIT_ALIASES, **load_dataset_kwargs
+    )
     for split in canon_splits:
-        if split not in by_canon:
-            raise ValueError(
-                f"Hub dataset {source!r} has no {split!r} split "
-                f"(looked for {', '.join(TRANSLATION_SPLIT_ALIASES[split])}; it has {', '.join(loaded)})"
-            )
-        name = by_canon[split]
-        ds = _hub_pairs(loaded[name], source_lang, target_lang, f"Hub dataset {source!r} split {name!r}")
+        ds = _hub_pairs(hub_splits[split], source_lang, target_lang, f"Hub dataset {source!r} split {split!r}")
         if strip:
             ds = ds.map(
                 lambda b: {"source": [s.strip() for s in b["source"]], "target": [t.strip() for t in b["target"]]},
                 batched=True,
             )
-        _check_pair(ds["source"], ds["target"], split, f"{source!r}[{name!r}]", f"{source!r}[{name!r}]")
+        _check_pair(ds["source"], ds["target"], split, f"{source!r}[{split!r}]", f"{source!r}[{split!r}]")
         out[split] = ds
     return datasets.DatasetDict(out)
 
