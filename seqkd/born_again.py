@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import ModelOutput
 
 from seqkd.evaluation import corpus_perplexity, is_stateful
-from seqkd.trainer import DistillationArguments, DistillationTrainer
+from seqkd.data.text import evaluation_dataloader
+from seqkd.trainer import DistillationArguments, DistillationTrainer, save_model_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -86,20 +86,6 @@ class GenerationEnsemble(torch.nn.Module):
             log_probs.append(torch.log_softmax(out.logits.float(), dim=-1))
         logits = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(self.members))
         return EnsembleOutput(logits=logits, state=tuple(new_states))
-
-
-def _save_atomically(trainer: DistillationTrainer, final_dir: str) -> None:
-    staging = final_dir + ".partial"
-    if trainer.args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)
-    if trainer.processing_class is not None and trainer.args.should_save:
-        trainer.processing_class.save_pretrained(staging)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.args.should_save:
-        shutil.rmtree(final_dir, ignore_errors=True)
-        os.replace(staging, final_dir)
-    trainer.accelerator.wait_for_everyone()
 
 
 def _write_json_atomically(path: str, data: dict) -> None:
@@ -190,7 +176,7 @@ def run_born_again(
             split_metrics = trainer.evaluate(dataset, metric_key_prefix=split)
             metrics[f"{split}_perplexity"] = split_metrics[f"{split}_perplexity"]
             metrics[f"{split}_loss"] = split_metrics[f"{split}_loss"]
-        _save_atomically(trainer, model_dir)
+        save_model_atomically(trainer, model_dir)
         if trainer.args.should_save:
             _write_json_atomically(metrics_path, metrics)
         trainer.accelerator.wait_for_everyone()
@@ -205,7 +191,7 @@ def run_born_again(
         metrics = {"generation": "ensemble", "loss": f"mean of gen-0..gen-{total - 1}", "teacher": None,
                    "parameters": sum(p.numel() for p in ensemble.parameters())}
         for split, dataset in eval_datasets.items():
-            loader = _eval_loader(dataset, args)
+            loader = evaluation_dataloader(dataset, args.per_device_eval_batch_size)
             result = corpus_perplexity(ensemble, loader, device=args.device, desc=f"ensemble {split}")
             metrics[f"{split}_perplexity"] = result["perplexity"]
             metrics[f"{split}_loss"] = result["loss"]
@@ -213,16 +199,6 @@ def run_born_again(
     if args.should_save:
         write_results(results, output_dir, list(eval_datasets))
     return results
-
-
-def _eval_loader(dataset, args):
-    from torch.utils.data import DataLoader
-
-    from seqkd.data.text import StreamBatches
-
-    if isinstance(dataset, StreamBatches):
-        return DataLoader(dataset, batch_size=None, shuffle=False)
-    return DataLoader(dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size)
 
 
 def write_results(results: list[dict], output_dir: str, splits: list[str]) -> None:

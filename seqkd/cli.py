@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -201,22 +200,35 @@ def _data_dir(data_args: DataArguments) -> str | None:
     return data_args.data_dir or os.environ.get(DATA_DIR_ENV)
 
 
+def _dataset_path(data_args: DataArguments) -> str:
+    """``dataset`` itself, or the folder of that name inside ``data_dir`` when there is one."""
+    root, data_dir = data_args.dataset, _data_dir(data_args)
+    if data_dir and not os.path.isabs(root) and os.path.isdir(os.path.join(data_dir, root)):
+        return os.path.join(data_dir, root)
+    return root
+
+
+def _teacher_tokenizer(teacher_path: str | None):
+    """The tokenizer saved beside a teacher: a student must share its teacher's vocabulary."""
+    if teacher_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(teacher_path)
+    return None
+
+
 def load_corpus(data_args: DataArguments):
     from seqkd.data.text import load_ptb, load_text_splits
 
     if data_args.dataset == "ptb":
         return load_ptb(_data_dir(data_args))
-    root = data_args.dataset
-    if _data_dir(data_args) and not os.path.isabs(root) and os.path.isdir(os.path.join(_data_dir(data_args), root)):
-        root = os.path.join(_data_dir(data_args), root)
-    return load_text_splits(root)
+    return load_text_splits(_dataset_path(data_args))
 
 
 def build_tokenizer(data_args: DataArguments, corpus, teacher_path: str | None = None):
     from seqkd.data.text import train_bpe_tokenizer, train_word_tokenizer
 
-    if teacher_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
-        return AutoTokenizer.from_pretrained(teacher_path)
+    teacher_tokenizer = _teacher_tokenizer(teacher_path)
+    if teacher_tokenizer is not None:
+        return teacher_tokenizer
     if data_args.tokenizer == "word":
         return train_word_tokenizer(corpus["train"])
     if data_args.tokenizer == "bpe":
@@ -312,10 +324,7 @@ def load_parallel_corpus(data_args: DataArguments):
     if data_args.dataset == "multi30k":
         corpus = load_multi30k(_data_dir(data_args), tokenized=data_args.pretokenized, **languages)
     else:
-        root = data_args.dataset
-        if _data_dir(data_args) and not os.path.isabs(root) and os.path.isdir(os.path.join(_data_dir(data_args), root)):
-            root = os.path.join(_data_dir(data_args), root)
-        corpus = load_translation_splits(root, data_args.source_lang, data_args.target_lang)
+        corpus = load_translation_splits(_dataset_path(data_args), data_args.source_lang, data_args.target_lang)
     if data_args.max_train_examples is not None:
         corpus["train"] = corpus["train"].select(range(min(data_args.max_train_examples, len(corpus["train"]))))
     return corpus
@@ -324,8 +333,9 @@ def load_parallel_corpus(data_args: DataArguments):
 def build_translation_tokenizer(data_args: DataArguments, corpus, teacher_path: str | None = None):
     from seqkd.data.translation import train_translation_tokenizer
 
-    if teacher_path and os.path.isfile(os.path.join(teacher_path, "tokenizer.json")):
-        return AutoTokenizer.from_pretrained(teacher_path)
+    teacher_tokenizer = _teacher_tokenizer(teacher_path)
+    if teacher_tokenizer is not None:
+        return teacher_tokenizer
     if data_args.tokenizer not in ("word", "bpe") and os.path.isdir(data_args.tokenizer):
         return AutoTokenizer.from_pretrained(data_args.tokenizer)
     return train_translation_tokenizer(
@@ -412,27 +422,11 @@ def _prepare(model_args, data_args, args, teacher_path=None):
 # Commands.
 
 
-def _save_final(trainer, output_dir: str, metrics: dict) -> None:
-    """The trained model, its tokenizer and metrics.json, renamed into ``output_dir/model`` when complete."""
-    final = os.path.join(output_dir, "model")
-    staging = final + ".partial"
-    if trainer.args.should_save:
-        shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)
-    if trainer.args.should_save:
-        trainer.processing_class.save_pretrained(staging)
-        with open(os.path.join(staging, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-    trainer.accelerator.wait_for_everyone()
-
-
 def command_train(argv: list[str], *, distill: bool) -> dict:
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from seqkd.trainer import DistillationTrainer
+    from seqkd.trainer import DistillationTrainer, save_model_atomically
 
     model_args, data_args, args = parse_command_line("distill" if distill else "train", argv)
     if distill and not args.teacher_model_name_or_path:
@@ -462,7 +456,7 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if k.startswith(split) and not k.endswith("_tokens")})
-    _save_final(trainer, args.output_dir, metrics)
+    save_model_atomically(trainer, os.path.join(args.output_dir, "model"), metrics)
     if trainer.is_world_process_zero():
         print(json.dumps(metrics, indent=2))
     return metrics
@@ -484,9 +478,7 @@ def command_born_again(argv: list[str]) -> list[dict]:
 
 
 def command_evaluate(argv: list[str]) -> dict:
-    from torch.utils.data import DataLoader
-
-    from seqkd.data.text import StreamBatches
+    from seqkd.data.text import evaluation_dataloader
     from seqkd.evaluation import check_vocab_size, corpus_perplexity, teacher_stability
 
     model_args, data_args, args, eval_args = parse_command_line("evaluate", argv)
@@ -515,17 +507,13 @@ def command_evaluate(argv: list[str]) -> dict:
             tokenize=tokenize,
         )  # fmt: skip
         metrics.update({"bleu": bleu["bleu"], "chrf": bleu["chrf"], "bleu_signature": bleu["signature"]})
-        loader = DataLoader(
-            evals[split], batch_size=args.per_device_eval_batch_size, collate_fn=translation_collator(tokenizer)
+        loader = evaluation_dataloader(
+            evals[split], args.per_device_eval_batch_size, collate_fn=translation_collator(tokenizer)
         )
     else:
         corpus = load_corpus(data_args)
         _, evals = build_datasets(corpus, tokenizer, data_args, args, _uses_streams(model, data_args), [split])
-        dataset = evals[split]
-        if isinstance(dataset, StreamBatches):
-            loader = DataLoader(dataset, batch_size=None, shuffle=False)
-        else:
-            loader = DataLoader(dataset.with_format("torch"), batch_size=args.per_device_eval_batch_size)
+        loader = evaluation_dataloader(evals[split], args.per_device_eval_batch_size)
     result = corpus_perplexity(model, loader, device=args.device, desc=split)
     metrics.update({"perplexity": result["perplexity"], "loss": result["loss"], "tokens": result["tokens"]})
     if eval_args.stability:

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -210,8 +209,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._stateful = is_stateful(model)
         self._student_state = self._teacher_state = None
         self._keep_loaded_state = False
-        self._part_sums: dict[str, float] = defaultdict(float)
-        self._part_tokens = 0.0
+        self._part_sums: dict[str, torch.Tensor] = {}
+        self._part_tokens: torch.Tensor | int = 0
         self.add_callback(_ResetStreamStateAtEpoch(self))
 
     # ---- the teacher -------------------------------------------------------------------------------------
@@ -326,12 +325,13 @@ class DistillationTrainer(Seq2SeqTrainer):
         )
         loss = result.loss
         if model.training:
-            local_tokens = targets.ne(-100).sum().item()
-            denominator = local_tokens if num_items_in_batch is None else float(num_items_in_batch)
-            # Parts are logged as token-weighted means over the logging interval.
+            # Parts are logged as token-weighted means over the logging interval. The sums stay on the device
+            # (no synchronisation per step) until log() reads them.
+            local_tokens = targets.ne(-100).sum()
+            denominator = local_tokens if num_items_in_batch is None else num_items_in_batch
             for name, value in result.parts.items():
-                self._part_sums[name] += value.item() * denominator
-            self._part_tokens += local_tokens
+                self._part_sums[name] = self._part_sums.get(name, 0.0) + value.double() * denominator
+            self._part_tokens = self._part_tokens + local_tokens
             if num_items_in_batch is None:
                 loss = loss / self.current_gradient_accumulation_steps
             elif args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -340,14 +340,19 @@ class DistillationTrainer(Seq2SeqTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._part_tokens > 0:
-            totals = torch.tensor([*self._part_sums.values(), self._part_tokens], dtype=torch.float64)
+        if "loss" in logs and self._part_sums:
+            totals = torch.stack(
+                [torch.as_tensor(v, dtype=torch.float64, device=self.accelerator.device)
+                 for v in (*self._part_sums.values(), self._part_tokens)]
+            )  # fmt: skip
             if self.accelerator.num_processes > 1:
-                totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
-            for name, total in zip(self._part_sums, totals[:-1]):
-                logs[f"loss_{name}"] = round(float(total / totals[-1]), 4)
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            totals = totals.cpu()
+            if totals[-1] > 0:
+                for name, total in zip(self._part_sums, totals[:-1]):
+                    logs[f"loss_{name}"] = round(float(total / totals[-1]), 4)
             self._part_sums.clear()
-            self._part_tokens = 0.0
+            self._part_tokens = 0
         super().log(logs, start_time)
 
     # ---- evaluation --------------------------------------------------------------------------------------
@@ -476,6 +481,26 @@ class DistillationTrainer(Seq2SeqTrainer):
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
 
+def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metrics: dict | None = None) -> None:
+    """The trained model, its tokenizer and (optionally) ``metrics.json``, written to ``final_dir.partial`` and
+    renamed into ``final_dir`` once complete, so an interrupted save never leaves a model that looks finished."""
+    import json
+
+    staging = final_dir + ".partial"
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)
+    if trainer.args.should_save:
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(staging)
+        if metrics is not None:
+            with open(os.path.join(staging, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(staging, final_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
 def _check_same_vocabulary(student, teacher) -> None:
     student_size = student.get_output_embeddings().weight.shape[0]
     teacher_size = teacher.get_output_embeddings().weight.shape[0]
@@ -503,4 +528,4 @@ def _prepare_deepspeed_teacher(teacher, accelerator):
     return engine
 
 
-__all__ = ["DistillationArguments", "DistillationTrainer", "load_teacher"]
+__all__ = ["DistillationArguments", "DistillationTrainer", "load_teacher", "save_model_atomically"]

@@ -637,6 +637,16 @@ def stream_dataloader(batches: StreamBatches, **kwargs) -> torch.utils.data.Data
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, **kwargs)
 
 
+def evaluation_dataloader(dataset, batch_size: int, collate_fn=None) -> torch.utils.data.DataLoader:
+    """Batches of an evaluation split in order: :class:`StreamBatches` whole (state can be carried), anything
+    else (blocks, tokenized pairs) in batches of ``batch_size``."""
+    if isinstance(dataset, StreamBatches):
+        return stream_dataloader(dataset)
+    if collate_fn is None:
+        dataset = dataset.with_format("torch")
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+
 def group_texts(
     texts,
     tokenizer,

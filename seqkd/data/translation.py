@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from seqkd.data.text import canonical_split, load_hub_splits
+from seqkd.data.text import _check_not_empty, _looks_local, canonical_split, load_hub_splits
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Canonical split names of the returned :class:`~datasets.DatasetDict`."""
@@ -177,22 +177,7 @@ def _check_pair(src: Sequence[str], tgt: Sequence[str], split: str, src_where: s
             f"{tgt_where} has {len(tgt)} line(s)"
         )
     for side, lines, where in (("source", src, src_where), ("target", tgt, tgt_where)):
-        if not any(line.strip() for line in lines):
-            raise ValueError(
-                f"split {split!r} is empty: the {side} side ({where}) contains no text "
-                f"({len(lines)} line(s), all blank)"
-            )
-
-
-def _looks_local(source: str | os.PathLike) -> bool:
-    if isinstance(source, Path):
-        return True
-    s = os.fspath(source)
-    return (
-        os.path.exists(os.path.expanduser(s))
-        or s.startswith(("/", "./", "../", "~", "."))
-        or (os.sep != "/" and os.sep in s)
-    )
+        _check_not_empty(lines, split, f"the {side} side ({where})")
 
 
 def _explicit_files(root: Path, spec, split: str, source_lang: str, target_lang: str) -> tuple[Path, Path]:
