@@ -106,6 +106,20 @@ def load_hub_splits(loader, source, hub_config, splits: Sequence[str], aliases: 
     return {split: loaded[by_canon[split]] for split in splits}
 
 
+def find_one_file(root: Path, names: Sequence[str], patterns: Sequence[str], what: str, hint: str) -> Path | None:
+    """The first of ``names`` that exists in ``root``, else the single file matching ``patterns``, else None;
+    several matches are ambiguous: a ``ValueError`` naming them, ``what`` was looked for, and ``hint``."""
+    path = next((root / n for n in names if (root / n).is_file()), None)
+    if path is None and patterns:
+        matches = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+        if len(matches) > 1:
+            raise ValueError(
+                f"ambiguous {what} in {str(root)!r}: {', '.join(m.name for m in matches)} all match; {hint}"
+            )
+        path = matches[0] if matches else None
+    return path
+
+
 def _candidate_names(split: str) -> list[str]:
     """File names looked for, in order of preference, for a canonical split."""
     names: list[str] = []
@@ -137,16 +151,10 @@ def find_split_files(
     for split in splits:
         canon = canonical_split(split)
         names = _candidate_names(canon)
-        path = next((root / n for n in names if (root / n).is_file()), None)
         patterns = [f"*.{a}.txt" for a in SPLIT_ALIASES[canon]]
-        if path is None:
-            matches = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
-            if len(matches) > 1:
-                raise ValueError(
-                    f"ambiguous {canon!r} split in {str(root)!r}: "
-                    f"{', '.join(m.name for m in matches)} all match; pass files={{'{canon}': ...}} explicitly"
-                )
-            path = matches[0] if matches else None
+        path = find_one_file(
+            root, names, patterns, f"{canon!r} split", f"pass files={{'{canon}': ...}} explicitly"
+        )
         if path is None:
             raise FileNotFoundError(
                 f"no {canon!r} split file in {str(root)!r}: looked for "

@@ -34,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from seqkd.data.text import _check_not_empty, _looks_local, canonical_split, load_hub_splits
+from seqkd.data.text import _check_not_empty, _looks_local, canonical_split, find_one_file, load_hub_splits
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Canonical split names of the returned :class:`~datasets.DatasetDict`."""
@@ -99,15 +99,10 @@ def _find_one(root: Path, split: str, lang: str, variant: str | None) -> tuple[P
         names = [f"{a}.{lang}{gz}" for a in aliases for gz in ("", ".gz")]
         names += [f"{a}.{MULTI30K_TOK_VARIANT}.{lang}{gz}" for a in aliases for gz in ("", ".gz")]
         patterns = [f"{a}.*.{lang}{gz}" for a in aliases for gz in ("", ".gz")]
-    path = next((root / n for n in names if (root / n).is_file()), None)
-    if path is None and patterns:
-        matches = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
-        if len(matches) > 1:
-            raise ValueError(
-                f"ambiguous {split!r} file for language {lang!r} in {str(root)!r}: "
-                f"{', '.join(m.name for m in matches)} all match; pass variant=... or files={{'{split}': ...}}"
-            )
-        path = matches[0] if matches else None
+    path = find_one_file(
+        root, names, patterns, f"{split!r} file for language {lang!r}",
+        f"pass variant=... or files={{'{split}': ...}}",
+    )  # fmt: skip
     return path, names + patterns
 
 
