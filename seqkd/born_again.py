@@ -47,6 +47,14 @@ class BornAgainArguments:
     ensemble: bool = field(
         default=True, metadata={"help": "Also evaluate the ensemble of all generations (mean of probabilities)."}
     )
+    cache_teacher: bool = field(
+        default=False,
+        metadata={
+            "help": "Run each generation once over the training split and store its top-k outputs "
+            "(OUTPUT/gen-k/teacher-cache, see `seqkd cache-teacher`); the next generation distils from that cache "
+            "instead of running its teacher at every step."
+        },
+    )
 
     def __post_init__(self):
         if self.num_generations < 1:
@@ -103,6 +111,7 @@ def run_born_again(
     eval_datasets: dict,
     processing_class=None,
     data_collator=None,
+    cache_args=None,
 ) -> list[dict]:
     """Train generation 0 from labels and generations 1..N each from the one before; evaluate all and the ensemble.
 
@@ -112,6 +121,8 @@ def run_born_again(
             ``args.output_dir`` the run's folder (generation k trains in ``output_dir/gen-k``).
         eval_datasets: named splits, e.g. ``{"validation": ..., "test": ...}``; the first is the trainer's
             evaluation set (learning-rate plateau, logging), all are reported.
+        cache_args: :class:`seqkd.teacher_cache.TeacherCacheArguments` (k, dtype, shard size) for
+            ``born_again_args.cache_teacher``; default its defaults.
     Returns:
         One metrics dict per generation, then the ensemble's (when enabled).
     """
@@ -149,13 +160,19 @@ def run_born_again(
             loss=born_again_args.teacher_loss if generation == 0 else args.loss,
             seed=args.seed + generation,
             teacher_model_name_or_path=None,
+            teacher_cache=None,
         )
+        if generation > 0 and born_again_args.cache_teacher:
+            gen_args.teacher_cache = _cache_generation(
+                teacher, os.path.join(output_dir, f"gen-{generation - 1}", "teacher-cache"), train_dataset,
+                processing_class, cache_args, args,
+            )  # fmt: skip
         set_seed(gen_args.seed)
         student = model_init()
         trainer = DistillationTrainer(
             model=student,
             args=gen_args,
-            teacher_model=teacher if generation > 0 else None,
+            teacher_model=teacher if generation > 0 and not gen_args.teacher_cache else None,
             train_dataset=train_dataset,
             eval_dataset=eval_datasets[first_split],
             processing_class=processing_class,
@@ -199,6 +216,24 @@ def run_born_again(
     if args.should_save:
         write_results(results, output_dir, list(eval_datasets))
     return results
+
+
+def _cache_generation(teacher, cache_dir: str, train_dataset, tokenizer, cache_args, args) -> str:
+    """Write (or finish) the cache of ``teacher`` on the main process; every process then reads it."""
+    from accelerate import PartialState
+
+    from seqkd.teacher_cache import TeacherCacheArguments, cache_teacher
+
+    cache_args = cache_args or TeacherCacheArguments()
+    state = PartialState()
+    if state.is_main_process:
+        cache_teacher(
+            teacher, train_dataset, cache_dir, top_k=cache_args.cache_top_k, dtype=cache_args.cache_dtype,
+            tokenizer=tokenizer, shard_tokens=cache_args.cache_shard_tokens,
+            batch_size=args.per_device_eval_batch_size, device=args.device, show_progress=not args.disable_tqdm,
+        )  # fmt: skip
+    state.wait_for_everyone()
+    return cache_dir
 
 
 def write_results(results: list[dict], output_dir: str, splits: list[str]) -> None:

@@ -1,10 +1,12 @@
-"""The ``seqkd`` command: ``train``, ``distill``, ``born-again`` and ``evaluate``.
+"""The ``seqkd`` command: ``train``, ``distill``, ``cache-teacher``, ``born-again`` and ``evaluate``.
 
 Each command reads an optional recipe YAML (safe loading) whose keys are the fields of the argument dataclasses
 below and of ``DistillationArguments``; any field can be overridden on the command line::
 
     seqkd born-again recipes/ban_lstm_ptb_small.yaml --data_dir ../shared/data --output_dir runs/ban
     seqkd train recipes/ban_lstm_ptb_small.yaml --max_steps 100 --output_dir runs/smoke
+    seqkd cache-teacher recipes/ban_lstm_ptb_small.yaml --teacher_model_name_or_path T --teacher_cache runs/cache
+    seqkd distill recipes/ban_lstm_ptb_small.yaml --teacher_cache runs/cache --output_dir runs/student
     seqkd evaluate --model_name_or_path runs/ban/gen-1/model --data_dir ../shared/data --split test
     accelerate launch --multi_gpu --num_processes 2 -m seqkd distill recipe.yaml ...
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
-COMMANDS = ("train", "distill", "born-again", "evaluate")
+COMMANDS = ("train", "distill", "cache-teacher", "born-again", "evaluate")
 DATA_DIR_ENV = "SEQKD_DATA_DIR"
 
 logger = logging.getLogger("seqkd")
@@ -145,9 +147,13 @@ def _parser(command: str) -> HfArgumentParser:
     from seqkd.born_again import BornAgainArguments
     from seqkd.trainer import DistillationArguments
 
+    from seqkd.teacher_cache import TeacherCacheArguments
+
     types = [ModelArguments, DataArguments, DistillationArguments]
     if command == "born-again":
-        types.append(BornAgainArguments)
+        types += [BornAgainArguments, TeacherCacheArguments]
+    if command == "cache-teacher":
+        types.append(TeacherCacheArguments)
     if command == "evaluate":
         types.append(EvaluateArguments)
     return HfArgumentParser(types, prog=f"seqkd {command}", description=f"seqkd {command}: see `seqkd --help`.")
@@ -429,9 +435,13 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     from seqkd.trainer import DistillationTrainer, save_model_atomically
 
     model_args, data_args, args = parse_command_line("distill" if distill else "train", argv)
-    if distill and not args.teacher_model_name_or_path:
-        raise ValueError("seqkd distill needs --teacher_model_name_or_path (a trained model folder)")
-    if not distill and args.needs_teacher and not args.teacher_model_name_or_path:
+    has_teacher = bool(args.teacher_model_name_or_path or args.teacher_cache)
+    if distill and not has_teacher:
+        raise ValueError(
+            "seqkd distill needs --teacher_model_name_or_path (a trained model folder) or --teacher_cache "
+            "(a folder written by `seqkd cache-teacher`)"
+        )
+    if not distill and args.needs_teacher and not has_teacher:
         raise ValueError(
             f"loss {args.loss!r} needs a teacher: use `seqkd distill --teacher_model_name_or_path ...`, "
             "or train from labels with --loss ce / ls"
@@ -439,6 +449,11 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     teacher_path = args.teacher_model_name_or_path if args.needs_teacher else None
     if teacher_path and not os.path.isdir(teacher_path):
         raise FileNotFoundError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
+    if args.needs_teacher and args.teacher_cache:
+        if not os.path.isdir(args.teacher_cache):
+            raise FileNotFoundError(f"teacher_cache {args.teacher_cache!r} does not exist: write it with `seqkd cache-teacher`")
+        # The cache keeps the teacher's tokenizer beside its shards.
+        teacher_path = teacher_path or args.teacher_cache
     set_seed(args.seed)
     tokenizer, _, student, train, evals, collator = _prepare(model_args, data_args, args, teacher_path)
     first = next(iter(evals))
@@ -462,14 +477,54 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     return metrics
 
 
+def command_cache_teacher(argv: list[str]) -> dict:
+    from seqkd.data.text import StreamBatches
+    from seqkd.teacher_cache import cache_teacher
+    from seqkd.trainer import load_teacher
+
+    model_args, data_args, args, cache_args = parse_command_line("cache-teacher", argv)
+    teacher_path = args.teacher_model_name_or_path
+    if not teacher_path:
+        raise ValueError("seqkd cache-teacher needs --teacher_model_name_or_path (a trained model folder)")
+    if not args.teacher_cache:
+        raise ValueError("seqkd cache-teacher needs --teacher_cache (the folder to write the cache to)")
+    if not os.path.isdir(teacher_path):
+        raise FileNotFoundError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
+    if _is_translation(data_args, model_args):
+        raise ValueError("seqkd cache-teacher caches language-model teachers; distil translation models online")
+    # The training set exactly as `seqkd distill` with this recipe will build it (the student decides the batching).
+    tokenizer, _, _, train, _, _ = _prepare(model_args, data_args, args, teacher_path)
+    if isinstance(train, StreamBatches):
+        train = train.with_num_processes(cache_args.cache_num_processes)
+    teacher = load_teacher(teacher_path, is_encoder_decoder=False, dtype=args.teacher_dtype)
+    manifest = cache_teacher(
+        teacher, train, args.teacher_cache, top_k=cache_args.cache_top_k, dtype=cache_args.cache_dtype,
+        tokenizer=tokenizer, shard_tokens=cache_args.cache_shard_tokens, batch_size=args.per_device_eval_batch_size,
+        device=args.device, show_progress=not args.disable_tqdm,
+    )  # fmt: skip
+    layout = manifest["layout"]
+    stored = sum(shard["bytes"] for shard in manifest["shards"])
+    summary = {
+        "teacher_cache": args.teacher_cache,
+        "layout": layout,
+        "top_k": manifest["top_k"],
+        "dtype": manifest["dtype"],
+        "shards": len(manifest["shards"]),
+        "bytes": stored,
+        "bytes_per_token": stored / max(layout["rows"] * layout["positions"], 1),
+    }
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
 def command_born_again(argv: list[str]) -> list[dict]:
     from seqkd.born_again import run_born_again
 
-    model_args, data_args, args, born_again_args = parse_command_line("born-again", argv)
+    model_args, data_args, args, born_again_args, cache_args = parse_command_line("born-again", argv)
     tokenizer, build, _, train, evals, collator = _prepare(model_args, data_args, args)
     results = run_born_again(
         build, args, born_again_args, train_dataset=train, eval_datasets=evals, processing_class=tokenizer,
-        data_collator=collator,
+        data_collator=collator, cache_args=cache_args,
     )  # fmt: skip
     if args.process_index == 0:
         with open(os.path.join(args.output_dir, "results.md")) as f:
@@ -525,7 +580,8 @@ def command_evaluate(argv: list[str]) -> dict:
 USAGE = f"""usage: seqkd {{{",".join(COMMANDS)}}} [RECIPE.yaml] [--field value ...]
 
   train        train a model from labels (loss ce or ls)
-  distill      train a student from a saved teacher (--teacher_model_name_or_path)
+  distill      train a student from a saved teacher (--teacher_model_name_or_path) or its cache (--teacher_cache)
+  cache-teacher  run a teacher once over the training split and store its top-k outputs (--teacher_cache)
   born-again   a Born-Again chain: generation 0 from labels, each next one from the last, and their ensemble
   evaluate     perplexity (and BLEU, chrF for translation; --stability) of a saved model on a split
 
@@ -549,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         command_train(rest, distill=False)
     elif command == "distill":
         command_train(rest, distill=True)
+    elif command == "cache-teacher":
+        command_cache_teacher(rest)
     elif command == "born-again":
         command_born_again(rest)
     else:

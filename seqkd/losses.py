@@ -45,6 +45,7 @@ __all__ = [
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 LOSS_NAMES = ("ce", "ls", "kd", "ban", "dkd", "cwtm", "dkpp")
+SPARSE_TAILS = ("uniform", "student")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Elements of one chunk of logits (16 MiB in float32): small enough that the temporaries stay cheap, large
 # enough that each kernel call amortises the Python overhead.
@@ -63,14 +64,26 @@ class SparseTeacher:
     """A teacher's distributions kept as their top-k entries, as a teacher cache stores them.
 
     ``ids`` ``[..., k]`` (integer token ids) and ``logprobs`` ``[..., k]`` (their log-probabilities at
-    temperature 1, any float dtype) per token; the residual mass ``1 - sum(exp(logprobs))`` is spread uniformly
-    over the other ``V - k`` tokens (with ``k = V`` the distribution is exact). Pass it as ``teacher_logits``
-    to any loss: it is expanded to dense log-probabilities one chunk of tokens at a time, so memory stays
-    ``O(N * k)`` plus the chunks. A temperature T then applies to the expanded distribution (``q ** (1/T)``,
-    renormalised), tail included.
+    temperature 1, any float dtype) per token; the residual mass -- ``residual`` ``[...]`` when given (a cache
+    stores it, computed in float32 before the log-probabilities were rounded), else ``1 - sum(exp(logprobs))``
+    -- is spread over the other ``V - k`` tokens (with ``k = V`` the distribution is exact):
+
+    - ``tail="uniform"`` (default, every loss): evenly, each tail token getting ``residual / (V - k)``.
+    - ``tail="student"`` (forward KL only -- ``kd``, ``ban`` -- at temperature 1): in proportion to the
+      student's own probabilities, which makes the KD term the exact KL between teacher and student over the
+      k + 1 outcomes "one of the teacher's top k" and "any other token". It matches the student's tail mass
+      to the teacher's without pushing the tail towards an invented (uniform) shape; with a high-entropy
+      teacher (a word-level LM keeps ~20% of its mass outside its top 64) that distortion is what costs the
+      uniform tail accuracy.
+
+    Pass it as ``teacher_logits``. Forward KL works on the k entries directly; the other losses expand it to
+    dense log-probabilities one chunk of tokens at a time, so memory stays ``O(N * k)`` plus the chunks. A
+    temperature T applies to the expanded distribution (``q ** (1/T)``, renormalised), tail included.
     """
 
-    def __init__(self, ids: Tensor, logprobs: Tensor, vocab_size: int):
+    def __init__(
+        self, ids: Tensor, logprobs: Tensor, vocab_size: int, residual: Tensor | None = None, tail: str = "uniform"
+    ):
         if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"SparseTeacher ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
         if not isinstance(logprobs, Tensor) or not logprobs.dtype.is_floating_point:
@@ -84,7 +97,13 @@ class SparseTeacher:
             raise ValueError(f"SparseTeacher holds k = {k} entries per token; k must be in [1, vocab_size={vocab_size}]")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
             raise ValueError(f"SparseTeacher ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
-        self.ids, self.logprobs, self.vocab_size = ids, logprobs, vocab_size
+        if residual is not None and (not isinstance(residual, Tensor) or residual.shape != ids.shape[:-1]):
+            raise ValueError(
+                f"SparseTeacher residual must be a tensor of shape {tuple(ids.shape[:-1])} (one mass per token), "
+                f"got {tuple(getattr(residual, 'shape', ()))}"
+            )
+        _check_choice("SparseTeacher tail", tail, SPARSE_TAILS)
+        self.ids, self.logprobs, self.vocab_size, self.residual, self.tail = ids, logprobs, vocab_size, residual, tail
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -100,14 +119,20 @@ class SparseTeacher:
 
     def flatten_tokens(self) -> "SparseTeacher":
         k = self.ids.shape[-1]
-        return SparseTeacher(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.vocab_size)
+        residual = None if self.residual is None else self.residual.reshape(-1)
+        return SparseTeacher(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.vocab_size, residual, self.tail)
 
     def dense_logprobs(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Rows ``start:stop`` (of the flattened tokens) as dense ``[n, V]`` log-probabilities."""
+        if self.tail != "uniform":
+            raise ValueError(f"a SparseTeacher with tail={self.tail!r} has no dense form without the student")
         ids, logprobs = self.ids[start:stop].long(), self.logprobs[start:stop].to(dtype)
         tail = self.vocab_size - ids.shape[-1]
         if tail > 0:
-            residual = (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp(min=0.0)
+            if self.residual is not None:
+                residual = self.residual[start:stop].to(dtype).clamp(min=0.0)
+            else:
+                residual = (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp(min=0.0)
             tail_logprob = torch.log(residual) - math.log(tail)
         else:
             tail_logprob = torch.full(ids.shape[:1], -math.inf, dtype=dtype, device=ids.device)
@@ -269,6 +294,126 @@ def _kd_kernel(s, t, y, aux, params, want_grad):
     return loss, loss[None], grad
 
 
+def _sparse_kl(log_p: Tensor, t: tuple, temperature: float):
+    """KL(q_T || p_T) per token for a top-k teacher chunk ``t = (ids, log_top, residual, tail)``, never
+    expanded to ``[n, V]``; ``log_p`` is the student's ``log_softmax(s / T)``.
+
+    Returns the KL and the pieces of its gradient ``dKL/d(s/T) = p_T * scale - shift + scatter(ids, correction)``
+    (``scale``, ``shift`` per row; ``correction`` ``[n, k]``):
+
+    - ``tail="uniform"``: the tail's ``V - k`` tokens share one probability ``c``, so their terms reduce to one
+      sum over the row: ``sum_tail c (log c - log p_i) = (V - k) c log c - c (sum_all log p - sum_top log p)``;
+      the gradient is ``p - c``, corrected at the k ids.
+    - ``tail="student"`` (T = 1): the KL between the two distributions coarsened to k + 1 outcomes, the
+      teacher's top k and "any other token": ``sum_top q_j log(q_j / p_j) + r log(r / P_tail)``. Equivalently,
+      the teacher's residual mass ``r`` spread over the tail in proportion to the student's own probabilities,
+      so the student's tail is matched in mass and never pushed towards a made-up shape.
+    """
+    ids, log_top, residual, tail_mode = t
+    tail = log_p.shape[-1] - ids.shape[-1]
+    log_p_top = log_p.gather(1, ids).clamp_(min=_LOG_FLOOR)
+    ones = torch.ones_like(residual)
+    if tail_mode == "student":
+        # Renormalise the stored top k and residual together (they were rounded to 16 bits apart).
+        r = residual.clamp(min=0.0) if tail > 0 else torch.zeros_like(residual)
+        norm = torch.logaddexp(torch.logsumexp(log_top, -1), torch.log(r))
+        log_q_top = (log_top - norm[:, None]).clamp_(min=_LOG_FLOOR)
+        q_top = log_q_top.exp()
+        r = r / norm.exp()
+        p_top = log_p_top.exp()
+        # The student's tail mass; the cancellation in 1 - sum(top) only matters where r is as tiny.
+        p_tail = (1.0 - p_top.sum(-1)).clamp(min=1e-30)
+        kl = _kl_rows(q_top, log_q_top, log_p_top) + torch.where(r > 0, r * (torch.log(r) - torch.log(p_tail)), 0.0)
+        rho = r / p_tail
+        return kl, ones - rho, torch.zeros_like(rho), rho[:, None] * p_top - q_top
+    # The teacher at temperature T: q_i ** (1/T), renormalised over the top k and the tail together.
+    top = log_top / temperature
+    if tail > 0:
+        tail_each = (torch.log(residual.clamp(min=0.0)) - math.log(tail)) / temperature
+        norm = torch.logaddexp(torch.logsumexp(top, -1), tail_each + math.log(tail))
+        log_c = tail_each - norm
+        c = log_c.exp()
+    else:
+        norm = torch.logsumexp(top, -1)
+        c = torch.zeros_like(norm)
+    log_q_top = (top - norm[:, None]).clamp_(min=_LOG_FLOOR)
+    q_top = log_q_top.exp()
+    kl = _kl_rows(q_top, log_q_top, log_p_top)
+    if tail > 0:
+        sum_log_p_tail = log_p.sum(-1) - log_p_top.sum(-1)
+        kl = kl + torch.where(c > 0, tail * c * log_c - c * sum_log_p_tail, 0.0)
+    return kl, ones, c, c[:, None] - q_top
+
+
+def _sparse_forward_kl_kernel(s, t, y, aux, params, want_grad):
+    """Forward KL to a top-k teacher chunk ``t = (ids, logprobs, residual, tail)``: a few passes over the logits
+    (see :func:`_sparse_kl`)."""
+    temperature = params["temperature"]
+    log_p = torch.log_softmax(_scaled(s, temperature), dim=-1)
+    kl, scale, shift, correction = _sparse_kl(log_p, t, temperature)
+    loss = temperature * temperature * kl
+    if not want_grad:
+        return loss, loss[None], None
+    grad = torch.addcmul(-shift[:, None], log_p.exp_(), scale[:, None])
+    grad.scatter_add_(1, t[0], correction)
+    if temperature != 1.0:
+        grad.mul_(temperature)
+    return loss, loss[None], grad
+
+
+_sparse_forward_kl_kernel.takes_sparse_teacher = True
+
+
+def _gold_and_forward_kl_kernel(s, t, y, aux, params, want_grad):
+    """``ce_weight * gold CE + kd_weight * T^2 KL(q_T || p_T)`` per token in one pass (``distillation_loss``'s
+    ``kd`` and ``ban`` with forward KL): one softmax of the student serves both terms, and one gradient buffer.
+
+    ``t`` is a dense teacher chunk or a top-k one ``(ids, logprobs, residual, tail)`` (see :func:`_sparse_kl`).
+    Parts: the gold term, its NLL when label-smoothed, and the KD term (all unweighted).
+    """
+    w_ce, w_kd, epsilon, temperature = params["ce_weight"], params["kd_weight"], params["epsilon"], params["temperature"]
+    vocab_size = s.shape[-1]
+    log_p = torch.log_softmax(s, dim=-1)
+    nll = -log_p.gather(1, y[:, None])[:, 0]
+    if epsilon > 0:
+        gold = (1 - epsilon) * nll - epsilon * log_p.mean(-1)
+        gold_parts = [gold, nll]
+    else:
+        gold, gold_parts = nll, [nll]
+    log_p_t = log_p if temperature == 1.0 else torch.log_softmax(_scaled(s, temperature), dim=-1)
+    sparse = isinstance(t, tuple)
+    if sparse:
+        kl, scale, shift, correction = _sparse_kl(log_p_t, t, temperature)
+    else:
+        log_q = _floored_log_softmax(_scaled(t, temperature))
+        q = log_q.exp()
+        kl = _kl_rows(q, log_q, log_p_t.clamp(min=_LOG_FLOOR))
+        scale, shift = torch.ones_like(nll), torch.zeros_like(nll)
+    kd = temperature * temperature * kl
+    loss = w_ce * gold + w_kd * kd
+    parts = torch.stack([*gold_parts, kd])
+    if not want_grad:
+        return loss, parts, None
+    # d gold/ds = p - (1 - eps) onehot(y) - eps / V;  d KD/ds = T (p_T * scale - shift + scatter(correction))
+    # [- q for a dense teacher]: the per-row scales and shifts of both terms go into one pass over the logits.
+    kd_scale = w_kd * temperature
+    shift = kd_scale * shift + w_ce * epsilon / vocab_size
+    if temperature == 1.0:
+        grad = torch.addcmul(-shift[:, None], log_p.exp_(), (w_ce + kd_scale * scale)[:, None])
+    else:
+        grad = log_p.exp_().mul_(w_ce).sub_(shift[:, None])
+        grad.addcmul_(log_p_t.exp_(), (kd_scale * scale)[:, None])
+    if sparse:
+        grad.scatter_add_(1, t[0], correction.mul_(kd_scale))
+    else:
+        grad.sub_(q, alpha=kd_scale)
+    grad.scatter_add_(1, y[:, None], torch.full_like(nll[:, None], -w_ce * (1 - epsilon)))
+    return loss, parts, grad
+
+
+_gold_and_forward_kl_kernel.takes_sparse_teacher = True
+
+
 def _dkd_kernel(s, t, y, aux, params, want_grad):
     temperature, alpha, beta = params["temperature"], params["alpha"], params["beta"]
     s, t = _scaled(s, temperature), _scaled(t, temperature)
@@ -406,7 +551,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             loss, chunk_parts, chunk_grad = kernel(
-                *_chunk_args(student, teacher, labels, aux, start, stop, compute_dtype),
+                *_chunk_args(kernel, student, teacher, labels, aux, start, stop, compute_dtype),
                 dict(params, chunk_start=start),
                 want_grad,
             )
@@ -439,7 +584,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         for start in range(0, student.shape[0], ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, student.shape[0])
             _, _, chunk_grad = ctx.kernel(
-                *_chunk_args(student, teacher, labels, aux, start, stop, _compute_dtype(student.dtype)),
+                *_chunk_args(ctx.kernel, student, teacher, labels, aux, start, stop, _compute_dtype(student.dtype)),
                 dict(ctx.params, chunk_start=start),
                 True,
             )
@@ -447,10 +592,21 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         return (grad,) + (None,) * 8
 
 
-def _chunk_args(student, teacher, labels, aux, start, stop, compute_dtype):
+def _chunk_args(kernel, student, teacher, labels, aux, start, stop, compute_dtype):
+    if teacher is None:
+        teacher_rows = None
+    elif isinstance(teacher, SparseTeacher) and getattr(kernel, "takes_sparse_teacher", False):
+        logprobs = teacher.logprobs[start:stop].to(compute_dtype)
+        if teacher.residual is not None:
+            residual = teacher.residual[start:stop].to(compute_dtype)
+        else:
+            residual = (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp(min=0.0)
+        teacher_rows = (teacher.ids[start:stop].long(), logprobs, residual, teacher.tail)
+    else:
+        teacher_rows = _teacher_rows(teacher, start, stop, compute_dtype)
     return (
         student[start:stop].to(compute_dtype),
-        None if teacher is None else _teacher_rows(teacher, start, stop, compute_dtype),
+        teacher_rows,
         labels[start:stop],
         None if aux is None else aux[start:stop],
     )
@@ -471,6 +627,18 @@ def _token_loss(
     aux_fn: Callable[[Tensor, Tensor, int], Tensor] | None = None,
 ) -> LossOutput:
     """Flatten, run ``kernel`` chunk by chunk through the autograd function, and reduce."""
+    if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student":
+        if not getattr(kernel, "takes_sparse_teacher", False):
+            raise ValueError(
+                "a SparseTeacher with tail='student' is defined for forward KL only (losses 'kd' with divergence "
+                "'forward_kl', and 'ban'); use tail='uniform' for this loss"
+            )
+        if params.get("temperature", 1.0) != 1.0:
+            raise ValueError(
+                f"a SparseTeacher with tail='student' needs temperature 1, got {params['temperature']}: the "
+                "teacher's tail at another temperature depends on its shape, which the cache does not keep; "
+                "use tail='uniform'"
+            )
     token_shape = student_logits.shape[:-1]
     vocab_size = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab_size)
@@ -549,8 +717,10 @@ def kd_loss(
     if not (isinstance(jsd_beta, (int, float)) and 0 <= jsd_beta <= 1):
         raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
     params = {"temperature": float(temperature), "divergence": divergence, "jsd_beta": float(jsd_beta)}
+    forward = divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0)
+    kernel = _sparse_forward_kl_kernel if forward and isinstance(teacher_logits, SparseTeacher) else _kd_kernel
     return _token_loss(
-        _kd_kernel, ("kd",), student_logits, teacher_logits, labels, params,
+        kernel, ("kd",), student_logits, teacher_logits, labels, params,
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
     )  # fmt: skip
@@ -618,6 +788,19 @@ def label_smoothed_cross_entropy(
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
     )  # fmt: skip
+
+
+def _gold_and_forward_kl(
+    student_logits, teacher_logits, labels, *, ce_weight, kd_weight, epsilon, temperature, **common
+) -> LossOutput:
+    """The gold term and forward-KL KD fused (same values and parts as computing them apart, fewer passes)."""
+    if labels is None:
+        raise ValueError("the gold-label term needs labels")
+    _check_inputs(student_logits, teacher_logits, labels, common["ignore_index"], common["reduction"], common["chunk_size"])
+    names = ("ce", "nll", "kd") if epsilon > 0 else ("ce", "kd")
+    params = {"ce_weight": float(ce_weight), "kd_weight": float(kd_weight), "epsilon": float(epsilon),
+              "temperature": float(temperature)}  # fmt: skip
+    return _token_loss(_gold_and_forward_kl_kernel, names, student_logits, teacher_logits, labels, params, **common)
 
 
 def cwtm_loss(
@@ -744,6 +927,13 @@ def distillation_loss(
         "num_items_in_batch": num_items_in_batch,
         "chunk_size": chunk_size,
     }
+    # The gold term and forward KL share one softmax of the student: computed together.
+    forward_kl = name == "ban" or (name == "kd" and (divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0)))
+    if forward_kl and ce_weight > 0 and kd_weight > 0:
+        return _gold_and_forward_kl(
+            student_logits, teacher_logits, labels, ce_weight=ce_weight, kd_weight=kd_weight,
+            epsilon=label_smoothing, temperature=temperature, **common,
+        )  # fmt: skip
     terms: list[tuple[float, LossOutput]] = []
     parts: dict[str, Tensor] = {}
     if not uses_teacher or ce_weight > 0:

@@ -35,10 +35,12 @@ from seqkd.evaluation import corpus_perplexity, is_stateful
 from seqkd.losses import (
     DIVERGENCES,
     LOSS_NAMES,
+    SPARSE_TAILS,
     _check_choice,
     _check_epsilon,
     _check_non_negative,
     _check_temperature,
+    SparseTeacher,
     distillation_loss,
 )
 
@@ -85,6 +87,23 @@ class DistillationArguments(Seq2SeqTrainingArguments):
     teacher_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The teacher: a saved model directory or a Hub model id."}
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A teacher cache folder written by `seqkd cache-teacher`: distil from its stored top-k teacher "
+            "outputs instead of running the teacher (refused unless written for this run's data and tokenizer)."
+        },
+    )
+    cache_tail: str = field(
+        default="uniform",
+        metadata={
+            "help": "Training from a teacher cache: how the residual mass outside the cached top k is spread over "
+            "the other tokens. 'uniform' (every loss), or 'student' (kd with forward KL and ban, temperature 1: "
+            "in proportion to the student's own probabilities, the exact KL over the top k and 'any other "
+            "token'; see seqkd.losses.SparseTeacher).",
+            "choices": ["uniform", "student"],
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={"help": "Teacher weights' dtype: auto, float32, bfloat16 or float16.", "choices": list(TEACHER_DTYPES)},
@@ -115,6 +134,15 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             _check_epsilon(self.label_smoothing)
         _check_non_negative("distill_warmup_epochs", self.distill_warmup_epochs)
         _check_choice("teacher_dtype", self.teacher_dtype, list(TEACHER_DTYPES))
+        _check_choice("cache_tail", self.cache_tail, SPARSE_TAILS)
+        if self.teacher_cache and self.cache_tail == "student" and self.needs_teacher:
+            forward_kl = self.loss == "ban" or (self.loss == "kd" and self.divergence == "forward_kl")
+            if not forward_kl or (self.temperature or 1.0) != 1.0:
+                raise ValueError(
+                    f"cache_tail='student' needs forward KL at temperature 1 (loss 'ban', or 'kd' with divergence "
+                    f"'forward_kl'), got loss {self.loss!r}, divergence {self.divergence!r}, temperature "
+                    f"{self.temperature}: use cache_tail='uniform'"
+                )
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if getattr(self, "label_smoothing_factor", 0.0):
@@ -189,13 +217,16 @@ class DistillationTrainer(Seq2SeqTrainer):
             raise ValueError("DistillationTrainer needs args=DistillationArguments(...)")
         if model is None:
             raise ValueError("DistillationTrainer needs the student model")
-        if teacher_model is None and args.needs_teacher:
+        use_cache = bool(args.teacher_cache) and args.needs_teacher
+        if teacher_model is None and args.needs_teacher and not use_cache:
             if args.teacher_model_name_or_path is None:
                 raise ValueError(
-                    f"loss {args.loss!r} needs a teacher: pass teacher_model= or set teacher_model_name_or_path "
-                    "(or use loss 'ce' / 'ls' to train from labels alone)"
+                    f"loss {args.loss!r} needs a teacher: pass teacher_model=, set teacher_model_name_or_path or "
+                    "teacher_cache (or use loss 'ce' / 'ls' to train from labels alone)"
                 )
             teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None and use_cache and args.teacher_model_name_or_path:
+            teacher_model = args.teacher_model_name_or_path  # only to check that the cache is this teacher's
         if isinstance(teacher_model, (str, os.PathLike)):
             teacher_model = load_teacher(
                 str(teacher_model), is_encoder_decoder=model.config.is_encoder_decoder, dtype=args.teacher_dtype
@@ -204,7 +235,21 @@ class DistillationTrainer(Seq2SeqTrainer):
             _check_same_vocabulary(model, teacher_model)
             if TEACHER_DTYPES[args.teacher_dtype] is not None:
                 teacher_model = teacher_model.to(TEACHER_DTYPES[args.teacher_dtype])
+        self.teacher_cache = None
+        if use_cache:
+            from seqkd.teacher_cache import TeacherCache
+
+            if kwargs.get("train_dataset") is None:
+                raise ValueError("training from a teacher cache needs train_dataset= (the data the cache was written for)")
+            self.teacher_cache = TeacherCache(args.teacher_cache)
+            self.teacher_cache.check_matches(
+                kwargs["train_dataset"], tokenizer=kwargs.get("processing_class"),
+                vocab_size=model.get_output_embeddings().weight.shape[0], teacher=teacher_model,
+            )  # fmt: skip
+            teacher_model = None
         super().__init__(model=model, args=args, **kwargs)
+        if self.teacher_cache is not None:
+            self.train_dataset = self.teacher_cache.attach(self.train_dataset)
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None and args.needs_teacher else None
         self._stateful = is_stateful(model)
         self._student_state = self._teacher_state = None
@@ -231,12 +276,14 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _stream_dataloader(self, dataset) -> DataLoader | None:
         """Stream batches are already per process and in order: no sampler, no sharding, no shuffling."""
         from seqkd.data.text import StreamBatches
+        from seqkd.teacher_cache import CachedStreamBatches
 
-        if not isinstance(dataset, StreamBatches):
+        batches = dataset.batches if isinstance(dataset, CachedStreamBatches) else dataset
+        if not isinstance(batches, StreamBatches):
             return None
-        if dataset.num_processes != self.args.world_size or dataset.process_index != self.args.process_index:
+        if batches.num_processes != self.args.world_size or batches.process_index != self.args.process_index:
             raise ValueError(
-                f"StreamBatches built for process {dataset.process_index} of {dataset.num_processes}, but this is "
+                f"StreamBatches built for process {batches.process_index} of {batches.num_processes}, but this is "
                 f"process {self.args.process_index} of {self.args.world_size}: build it with "
                 "process_index=args.process_index, num_processes=args.world_size"
             )
@@ -256,6 +303,13 @@ class DistillationTrainer(Seq2SeqTrainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         loader = self._stream_dataloader(dataset)
         return loader if loader is not None else super().get_eval_dataloader(eval_dataset)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The cached teacher outputs are not arguments of the model, but the loss needs them.
+        super()._set_signature_columns_if_needed()
+        from seqkd.teacher_cache import TEACHER_KEYS
+
+        self._signature_columns += [key for key in TEACHER_KEYS if key not in self._signature_columns]
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Stream batches carry `shift_labels` only; transformers counts tokens only when `labels` are present.
@@ -291,6 +345,7 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
+        cached = {key: inputs.pop(key) for key in ("teacher_ids", "teacher_logprobs", "teacher_residual") if key in inputs}
         targets = self._aligned_targets(model, inputs)
         if self._stateful:
             inputs["state"] = self._student_state
@@ -298,7 +353,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self._stateful:
             self._student_state = _detach_state(outputs.state)
         teacher_logits = None
-        if self.teacher is not None:
+        if cached:
+            teacher_logits = SparseTeacher(
+                cached["teacher_ids"], cached["teacher_logprobs"], outputs.logits.shape[-1], cached["teacher_residual"],
+                tail=self.args.cache_tail,
+            )
+        elif self.teacher is not None:
             with torch.no_grad():
                 if self._stateful:
                     inputs["state"] = self._teacher_state

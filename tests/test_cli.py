@@ -193,3 +193,45 @@ def test_transformer_lm_on_blocks(recipe, corpus_dir, tmp_path):
         "--optim", "adamw_torch", "--learning_rate", "0.003", "--lr_scheduler_type", "constant", "--max_grad_norm", "1.0")  # fmt: skip
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     assert metrics["test_perplexity"] < 14
+
+
+def test_cache_teacher_then_distill_from_the_cache(recipe, corpus_dir, tmp_path, capsys):
+    teacher_dir, cache_dir = tmp_path / "teacher", tmp_path / "cache"
+    run("train", recipe, "--dataset", corpus_dir, "--output_dir", teacher_dir, "--num_train_epochs", "1")
+    capsys.readouterr()
+    run("cache-teacher", recipe, "--dataset", corpus_dir, "--teacher_model_name_or_path", teacher_dir / "model",
+        "--teacher_cache", cache_dir, "--cache_top_k", "5", "--cache_shard_tokens", "2000")  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layout"]["kind"] == "stream" and summary["layout"]["rows"] == 4
+    assert summary["shards"] > 1 and summary["top_k"] == 5
+    assert (cache_dir / "tokenizer.json").is_file()
+
+    # No teacher model needed; the cache brings the teacher's tokenizer. Another BPTT length reads the same cache.
+    student_dir = tmp_path / "student"
+    run("distill", recipe, "--dataset", corpus_dir, "--output_dir", student_dir, "--loss", "kd",
+        "--teacher_cache", cache_dir, "--seq_len", "5")  # fmt: skip
+    student = json.loads((student_dir / "model" / "metrics.json").read_text())
+    assert student["test_perplexity"] < 14
+    state = json.loads(next(student_dir.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert any("loss_kd" in entry for entry in state["log_history"])
+
+    with pytest.raises(ValueError, match="layout"):
+        run("distill", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "other", "--loss", "kd",
+            "--teacher_cache", cache_dir, "--per_device_train_batch_size", "2")  # fmt: skip
+    with pytest.raises(ValueError, match="needs --teacher_cache"):
+        run("cache-teacher", recipe, "--dataset", corpus_dir, "--teacher_model_name_or_path", teacher_dir / "model")
+    with pytest.raises(FileNotFoundError, match="seqkd cache-teacher"):
+        run("distill", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "other", "--loss", "kd",
+            "--teacher_cache", tmp_path / "no-cache")  # fmt: skip
+
+
+def test_born_again_from_cached_generations(recipe, corpus_dir, tmp_path):
+    out = tmp_path / "ban"
+    run("born-again", recipe, "--dataset", corpus_dir, "--output_dir", out, "--loss", "ban", "--num_generations", "2",
+        "--num_train_epochs", "1", "--cache_teacher", "true", "--cache_top_k", "4", "--ensemble", "false")  # fmt: skip
+    for generation in (0, 1):
+        manifest = json.loads((out / f"gen-{generation}" / "teacher-cache" / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["top_k"] == 4
+    assert not (out / "gen-2" / "teacher-cache").exists()
+    metrics = json.loads((out / "gen-2" / "metrics.json").read_text())
+    assert metrics["loss"] == "ban" and metrics["test_perplexity"] < 14

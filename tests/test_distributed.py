@@ -66,3 +66,34 @@ def test_two_process_distillation_matches_one_process(setup):
     for split in ("validation", "test"):
         assert double[f"{split}_perplexity"] == pytest.approx(single[f"{split}_perplexity"], rel=RELATIVE_TOLERANCE)
     assert double["train_loss"] == pytest.approx(single["train_loss"], rel=RELATIVE_TOLERANCE)
+
+
+def test_two_processes_distilling_from_a_cache_match_one_process_with_the_live_teacher(setup):
+    """Each process reads its own streams' rows of one cache written for two processes (k = V, float32)."""
+    from transformers import AutoTokenizer
+
+    root, recipe = setup
+    teacher = root / "teacher-for-cache"
+    _run([sys.executable, "-m", "seqkd", "train", str(recipe), "--loss", "ce", "--per_device_train_batch_size", "8",
+          "--per_device_eval_batch_size", "4", "--output_dir", str(teacher)], root)  # fmt: skip
+    vocab_size = len(AutoTokenizer.from_pretrained(teacher / "model"))
+    cache = root / "cache"
+    _run([sys.executable, "-m", "seqkd", "cache-teacher", str(recipe), "--teacher_model_name_or_path",
+          str(teacher / "model"), "--teacher_cache", str(cache), "--per_device_train_batch_size", "4",
+          "--cache_num_processes", "2", "--cache_top_k", str(vocab_size), "--cache_dtype", "float32"], root)  # fmt: skip
+    common = ["distill", str(recipe), "--loss", "kd", "--ce_weight", "0.5", "--kd_weight", "0.5"]
+    _run([sys.executable, "-m", "seqkd", *common, "--teacher_model_name_or_path", str(teacher / "model"),
+          "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4",
+          "--output_dir", str(root / "single-online")], root)  # fmt: skip
+    _run(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "seqkd", *common, "--teacher_cache", str(cache),
+         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2",
+         "--output_dir", str(root / "double-cached")],
+        root,
+    )  # fmt: skip
+    single = json.loads((root / "single-online" / "model" / "metrics.json").read_text())
+    double = json.loads((root / "double-cached" / "model" / "metrics.json").read_text())
+    assert double["world_size"] == 2
+    assert double["train_loss"] == pytest.approx(single["train_loss"], rel=RELATIVE_TOLERANCE)
+    assert double["test_perplexity"] == pytest.approx(single["test_perplexity"], rel=RELATIVE_TOLERANCE)

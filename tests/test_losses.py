@@ -440,3 +440,33 @@ def test_bf16_gradient_is_scaled_in_float32():
     s32 = s.detach().float().requires_grad_()
     ref = grad_of(kd_loss(s32, t.float(), y).loss * 3.0, s32)
     torch.testing.assert_close(g.float(), ref, rtol=1e-2, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused gold + forward-KL path of distillation_loss ("kd", "ban") equals its two terms computed apart.
+
+
+@pytest.mark.parametrize("sparse_k", [None, 4, 13])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_fused_gold_and_forward_kl_equals_the_separate_terms(sparse_k, temperature, epsilon):
+    from seqkd.losses import SparseTeacher
+
+    s, t, y = make_inputs()
+    teacher = t
+    if sparse_k is not None:
+        values, ids = torch.log_softmax(t, -1).topk(sparse_k, -1)
+        teacher = SparseTeacher(ids, values, t.shape[-1])
+    fused = distillation_loss("ban", s, teacher, y, ce_weight=0.3, kd_weight=1.7, label_smoothing=epsilon,
+                              temperature=temperature, num_items_in_batch=40, chunk_size=5)  # fmt: skip
+    gold = label_smoothed_cross_entropy(s, y, epsilon=epsilon, num_items_in_batch=40)
+    kd = kd_loss(s, teacher, y, temperature=temperature, num_items_in_batch=40)
+    torch.testing.assert_close(fused.loss, 0.3 * gold.loss + 1.7 * kd.loss)
+    torch.testing.assert_close(fused.parts["ce"], gold.loss)
+    torch.testing.assert_close(fused.parts["kd"], kd.loss)
+    assert ("nll" in fused.parts) == (epsilon > 0)
+    torch.testing.assert_close(grad_of(fused.loss, s), grad_of(0.3 * gold.loss + 1.7 * kd.loss, s))
+    assert torch.autograd.gradcheck(
+        lambda x: distillation_loss("kd", x, teacher, y, ce_weight=0.3, label_smoothing=epsilon,
+                                    temperature=temperature).loss, (s,)  # fmt: skip
+    )

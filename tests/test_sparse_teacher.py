@@ -76,3 +76,48 @@ def test_vocabulary_mismatch_names_both_sizes():
     s, t, y = make_inputs()
     with pytest.raises(ValueError, match=r"teacher vocabulary size \(20\) differs from the student's \(13\)"):
         kd_loss(s, SparseTeacher(torch.zeros(23, 2, dtype=torch.long), torch.zeros(23, 2), 20), y)
+
+
+def binned_kl(s, t, k):
+    """KL between teacher and student over the k + 1 outcomes: the teacher's top k, and any other token."""
+    log_p, log_q = torch.log_softmax(s, -1), torch.log_softmax(t.double(), -1)
+    ids = log_q.topk(k, -1).indices
+    q_top, p_top = log_q.gather(-1, ids).exp(), log_p.gather(-1, ids).exp()
+    q_rest, p_rest = 1 - q_top.sum(-1), 1 - p_top.sum(-1)
+    kl = (q_top * (q_top.log() - p_top.log())).sum(-1)
+    if k == s.shape[-1]:
+        return kl  # no other token
+    return kl + torch.where(q_rest > 0, q_rest * (q_rest.clamp(min=1e-300).log() - p_rest.log()), 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 4, 13])
+def test_student_tail_is_the_kl_over_the_top_k_and_the_rest(k):
+    s, t, y = make_inputs()
+    teacher = top_k(t, k)
+    teacher.tail = "student"
+    valid = y != -100
+
+    def reference():
+        return binned_kl(s, t, k)[valid].mean()
+
+    for out in (kd_loss(s, teacher, y), distillation_loss("kd", s, teacher, y, ce_weight=0.0)):
+        torch.testing.assert_close(out.loss, reference())
+        torch.testing.assert_close(grad_of(out.loss, s), grad_of(reference(), s))
+    fused = distillation_loss("ban", s, teacher, y, ce_weight=0.4, kd_weight=1.3, label_smoothing=0.1, chunk_size=4)
+    gold = torch.nn.functional.cross_entropy(s, y, ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(fused.loss, 0.4 * gold + 1.3 * reference())
+    gold = torch.nn.functional.cross_entropy(s, y, ignore_index=-100, label_smoothing=0.1)
+    torch.testing.assert_close(grad_of(fused.loss, s), grad_of(0.4 * gold + 1.3 * reference(), s))
+    if k == t.shape[-1]:  # nothing outside the top k: the full KL
+        torch.testing.assert_close(reference(), kd_loss(s, t, y).loss)
+
+
+def test_student_tail_is_refused_where_it_is_not_defined():
+    s, t, y = make_inputs()
+    teacher = SparseTeacher(*reversed(torch.log_softmax(t, -1).topk(3, -1)), t.shape[-1], tail="student")
+    with pytest.raises(ValueError, match="forward KL only"):
+        distillation_loss("dkd", s, teacher, y)
+    with pytest.raises(ValueError, match="needs temperature 1"):
+        kd_loss(s, teacher, y, temperature=2.0)
+    with pytest.raises(ValueError, match="SparseTeacher tail must be one of"):
+        SparseTeacher(teacher.ids, teacher.logprobs, t.shape[-1], tail="zipf")

@@ -64,6 +64,7 @@ __all__ = [
     "train_bpe_tokenizer",
     "encode_stream",
     "StreamBatches",
+    "token_fingerprint",
     "stream_dataloader",
     "group_texts",
 ]
@@ -533,6 +534,16 @@ def encode_stream(tokenizer, texts, *, text_column: str = "text", chunk_size: in
     return torch.from_numpy(ids)
 
 
+def token_fingerprint(token_ids) -> str:
+    """sha256 of a tensor of token ids (as int64) and its shape: a cheap identity for tokenized training data."""
+    import hashlib
+
+    ids = torch.as_tensor(token_ids).to(torch.int64).contiguous()
+    digest = hashlib.sha256(repr(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
 class StreamBatches(torch.utils.data.Dataset):
     """Contiguous token streams for stateful truncated BPTT (map-style dataset).
 
@@ -596,10 +607,31 @@ class StreamBatches(torch.utils.data.Dataset):
         self.total_tokens = ids.numel()
         self.stream_length = stream_len
         self.dropped_tokens = ids.numel() - n_streams * stream_len
-        all_streams = ids[: n_streams * stream_len].view(n_streams, stream_len)
+        # The whole split stays referenced (not copied): a teacher cache is written over every process' streams.
+        self.token_ids = ids
         start = process_index * batch_size
-        self.streams = all_streams[start : start + batch_size].clone()  # [B, T]
+        self.streams = self.all_streams[start : start + batch_size].clone()  # [B, T]
         self._len = math.ceil((stream_len - 1) / seq_len)
+        self._fingerprint: str | None = None
+
+    @property
+    def all_streams(self) -> torch.Tensor:
+        """Every process' streams, ``[batch_size * num_processes, stream_length]``."""
+        n_streams = self.batch_size * self.num_processes
+        return self.token_ids[: n_streams * self.stream_length].view(n_streams, self.stream_length)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of every process' streams (their tokens and their number): equal for equal training data."""
+        if self._fingerprint is None:
+            self._fingerprint = token_fingerprint(self.all_streams)
+        return self._fingerprint
+
+    def with_num_processes(self, num_processes: int, process_index: int = 0) -> "StreamBatches":
+        """The same split cut for ``num_processes`` processes of ``batch_size`` streams each."""
+        return StreamBatches(
+            self.token_ids, self.batch_size, self.seq_len, process_index=process_index, num_processes=num_processes
+        )
 
     @classmethod
     def from_texts(cls, tokenizer, texts, batch_size: int, seq_len: int, **kwargs) -> "StreamBatches":

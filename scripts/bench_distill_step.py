@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Training throughput of distillation: plain CE, a live teacher, and a teacher cache; and the trainer's overhead.
+
+For each model it times, over the same batches of random tokens:
+
+- ``plain loop``  a hand-written PyTorch loop (forward, cross-entropy, backward, clip, SGD; state carried);
+- ``ce``          ``DistillationTrainer`` with ``loss=ce`` (no teacher);
+- ``online``      ``DistillationTrainer`` distilling (``ban``: CE + KD) from a same-size teacher run at every step;
+- ``cache``       the same loss from a teacher cache of that teacher (``--top_k``), written once beforehand.
+
+Every run takes ``--warmup + --steps`` optimiser steps; the time between the end of step ``warmup`` and the end
+of the last step is measured (data loading and cache reads included). Each mode runs ``--repeats`` times,
+interleaved, and the median is reported::
+
+    flock /tmp/seqkd_heavy.lock python scripts/bench_distill_step.py
+    python scripts/bench_distill_step.py --device cuda --models lstm-medium,gpt2-small --steps 100
+
+Prints a markdown table (tokens/s, ms/step, time ratios against ``ce``, the trainer against the plain loop),
+the cache's bytes per token, and the machine. Models:
+
+- ``lstm-medium``  Zaremba et al.'s medium LSTM (2 x 650, tied, dropout 0.5), vocabulary 10k, batch 20 x bptt 35
+  (stream batching, state carried);
+- ``gpt2-small``   the ``gpt2-small-ptb`` preset (4 layers, d 256), vocabulary 10k, 32 blocks of 128 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import datasets
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import TrainerCallback, default_data_collator
+
+from seqkd.data.text import StreamBatches
+from seqkd.evaluation import is_stateful
+from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
+from seqkd.teacher_cache import TeacherCache, cache_teacher
+from seqkd.trainer import DistillationArguments, DistillationTrainer
+
+MODES = ("plain loop", "ce", "online", "cache")
+
+
+def build_model(name: str, vocab_size: int, seed: int):
+    torch.manual_seed(seed)
+    if name == "lstm-medium":
+        return LSTMForCausalLM(
+            LSTMLMConfig(
+                vocab_size=vocab_size, embedding_size=650, hidden_size=650, num_layers=2, embedding_dropout=0.5,
+                layer_dropout=0.5, output_dropout=0.5, tie_word_embeddings=True, init_range=0.05,
+            )
+        )  # fmt: skip
+    if name == "gpt2-small":
+        return build_causal_lm("gpt2-small-ptb", vocab_size=vocab_size)
+    raise ValueError(f"unknown model {name!r}: choose lstm-medium or gpt2-small")
+
+
+def training_data(name: str, vocab_size: int, num_batches: int):
+    generator = torch.Generator().manual_seed(0)
+    if name == "lstm-medium":
+        batch, seq_len = 20, 35
+        ids = torch.randint(0, vocab_size, (batch * (num_batches * seq_len + 1),), generator=generator)
+        return StreamBatches(ids, batch, seq_len), batch, seq_len
+    batch, seq_len = 32, 128
+    blocks = torch.randint(0, vocab_size, (batch * num_batches, seq_len), generator=generator)
+    data = datasets.Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    return data, batch, seq_len
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+
+def time_trainer(model_name, mode, data, vocab_size, args_common, teacher, cache_dir, warmup, steps) -> float:
+    fields = {"loss": "ce"} if mode == "ce" else {"loss": "ban"}
+    if mode == "cache":
+        fields["teacher_cache"] = cache_dir
+    args = DistillationArguments(**args_common, **fields, max_steps=warmup + steps)
+    clock = StepClock()
+    trainer = DistillationTrainer(
+        model=build_model(model_name, vocab_size, seed=2), args=args, train_dataset=data,
+        teacher_model=teacher if mode == "online" else None, callbacks=[clock],
+        data_collator=None if isinstance(data, StreamBatches) else default_data_collator,
+    )  # fmt: skip
+    trainer.train()
+    return (clock.ends[-1] - clock.ends[warmup - 1]) / steps
+
+
+def time_plain_loop(model_name, data, vocab_size, device, warmup, steps) -> float:
+    model = build_model(model_name, vocab_size, seed=2).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stateful = is_stateful(model)
+    if isinstance(data, StreamBatches):
+        batches = (data[i] for i in range(len(data)))
+    else:
+        loader = torch.utils.data.DataLoader(data.with_format("torch"), batch_size=32, shuffle=True)
+        batches = iter(loader)
+    state, ends = None, []
+    for _ in range(warmup + steps):
+        batch = next(batches)
+        input_ids = batch["input_ids"].to(device)
+        if "shift_labels" in batch:
+            targets = batch["shift_labels"].to(device)
+        else:
+            targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100).to(device)
+        if stateful:
+            out = model(input_ids=input_ids, state=state)
+            state = tuple(s.detach() for s in out.state)
+        else:
+            out = model(input_ids=input_ids)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ends.append(time.perf_counter())
+    return (ends[-1] - ends[warmup - 1]) / steps
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="lstm-medium,gpt2-small", help="Comma-separated: lstm-medium, gpt2-small.")
+    parser.add_argument("--steps", type=int, default=15, help="Timed optimiser steps per run.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps before them.")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs per mode (interleaved); the median is reported.")
+    parser.add_argument("--top_k", type=int, default=64, help="Teacher log-probabilities per token in the cache.")
+    parser.add_argument("--vocab_size", type=int, default=10_000)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda.")
+    options = parser.parse_args(argv)
+    if options.steps < 1 or options.warmup < 1 or options.repeats < 1:
+        parser.error("--steps, --warmup and --repeats must be >= 1")
+    transformers.logging.set_verbosity_error()
+    device = options.device
+    args_common = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench_distill_"), report_to=[], disable_tqdm=True, save_strategy="no",
+        logging_steps=10_000, optim="sgd", learning_rate=0.1, max_grad_norm=1.0, seed=0, lr_scheduler_type="constant",
+        per_device_train_batch_size=32, use_cpu=device == "cpu", dataloader_pin_memory=False,
+    )  # fmt: skip
+    rows = []
+    for model_name in options.models.split(","):
+        data, batch, seq_len = training_data(model_name, options.vocab_size, options.warmup + options.steps + 1)
+        args_common["per_device_train_batch_size"] = batch
+        teacher = build_model(model_name, options.vocab_size, seed=1).to(device).eval()
+        cache_dir = tempfile.mkdtemp(prefix="bench_cache_")
+        started = time.perf_counter()
+        cache_teacher(teacher, data, cache_dir, top_k=options.top_k, device=device, show_progress=False)
+        cache_seconds = time.perf_counter() - started
+        bytes_per_token = TeacherCache(cache_dir).bytes_per_token
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(options.repeats):
+            for mode in MODES:
+                if mode == "plain loop":
+                    seconds = time_plain_loop(model_name, data, options.vocab_size, device, options.warmup, options.steps)
+                else:
+                    seconds = time_trainer(model_name, mode, data, options.vocab_size, args_common, teacher, cache_dir,
+                                           options.warmup, options.steps)  # fmt: skip
+                times[mode].append(seconds)
+        median = {mode: statistics.median(values) for mode, values in times.items()}
+        tokens = batch * seq_len
+        for mode in MODES:
+            rows.append(
+                {
+                    "model": model_name, "mode": mode, "tokens/s": tokens / median[mode], "ms/step": 1000 * median[mode],
+                    "time vs ce": median[mode] / median["ce"], "runs": ", ".join(f"{1000 * t:.0f}" for t in times[mode]),
+                }
+            )  # fmt: skip
+        rows.append({"model": model_name, "mode": "trainer vs plain loop (tokens/s)", "ratio": median["plain loop"] / median["ce"]})
+        rows.append({"model": model_name, "mode": f"cache: k={options.top_k}, bytes/token", "ratio": bytes_per_token,
+                     "note": f"written in {cache_seconds:.1f} s"})  # fmt: skip
+
+    print(f"\nmachine: {machine(device)}; torch {torch.__version__}; transformers {transformers.__version__}")
+    print(f"batches of random tokens, vocabulary {options.vocab_size}; {options.warmup} warm-up + {options.steps} timed "
+          f"steps; median of {options.repeats} interleaved runs\n")  # fmt: skip
+    print("| model | mode | tokens/s | ms/step | time vs ce | runs (ms/step) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        if "tokens/s" in row:
+            print(f"| {row['model']} | {row['mode']} | {row['tokens/s']:,.0f} | {row['ms/step']:.1f} | "
+                  f"{row['time vs ce']:.3f} | {row['runs']} |")  # fmt: skip
+    print("\n| model | measure | value |\n|---|---|---|")
+    for row in rows:
+        if "ratio" in row:
+            note = f" ({row['note']})" if row.get("note") else ""
+            print(f"| {row['model']} | {row['mode']} | {row['ratio']:.3f}{note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
