@@ -321,10 +321,18 @@ def _sparse_kl(log_p: Tensor, t: tuple, temperature: float):
         q_top = log_q_top.exp()
         r = r / norm.exp()
         p_top = log_p_top.exp()
-        # The student's tail mass; the cancellation in 1 - sum(top) only matters where r is as tiny.
-        p_tail = (1.0 - p_top.sum(-1)).clamp(min=1e-30)
-        kl = _kl_rows(q_top, log_q_top, log_p_top) + torch.where(r > 0, r * (torch.log(r) - torch.log(p_tail)), 0.0)
-        rho = r / p_tail
+        # The student's tail mass. 1 - sum(top) loses its digits when the student puts almost everything on the
+        # teacher's top k: those rows (rare) get the exact log-sum-exp over their tail instead.
+        p_tail = 1.0 - p_top.sum(-1)
+        log_p_tail = torch.log(p_tail.clamp(min=1e-30))
+        risky = (p_tail < 1e-3).nonzero()[:, 0]
+        if risky.numel() and tail > 0:
+            exact = log_p[risky].scatter(1, ids[risky], -math.inf).logsumexp(-1)
+            log_p_tail = log_p_tail.index_put((risky,), exact)
+        has_rest = r > 0
+        log_r = torch.log(torch.where(has_rest, r, 1.0))
+        rho = torch.where(has_rest, (log_r - log_p_tail).exp(), 0.0)
+        kl = _kl_rows(q_top, log_q_top, log_p_top) + torch.where(has_rest, r * (log_r - log_p_tail), 0.0)
         return kl, ones - rho, torch.zeros_like(rho), rho[:, None] * p_top - q_top
     # The teacher at temperature T: q_i ** (1/T), renormalised over the top k and the tail together.
     top = log_top / temperature
@@ -919,6 +927,14 @@ def distillation_loss(
         temperature = 4.0 if name == "dkd" else 1.0
     _check_temperature(temperature)
     uses_teacher = name not in ("ce", "ls")
+    forward_kl = name == "ban" or (name == "kd" and (divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0)))
+    if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student" and kd_weight > 0:
+        if not forward_kl or temperature != 1.0:
+            raise ValueError(
+                f"a SparseTeacher with tail='student' is defined for forward KL only (losses 'kd' with divergence "
+                f"'forward_kl', and 'ban') at temperature 1, got loss {name!r} at temperature {temperature}; use "
+                "tail='uniform'"
+            )
     if uses_teacher and teacher_logits is None and kd_weight > 0:
         raise ValueError(f"loss {name!r} needs teacher_logits; use 'ce' or 'ls' to train from labels alone")
     common = {
@@ -928,7 +944,6 @@ def distillation_loss(
         "chunk_size": chunk_size,
     }
     # The gold term and forward KL share one softmax of the student: computed together.
-    forward_kl = name == "ban" or (name == "kd" and (divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0)))
     if forward_kl and ce_weight > 0 and kd_weight > 0:
         return _gold_and_forward_kl(
             student_logits, teacher_logits, labels, ce_weight=ce_weight, kd_weight=kd_weight,

@@ -45,7 +45,10 @@ FORMAT_VERSION = 1
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_residual")
 # Fields that identify what a cache holds; a resumed write must agree on all of them.
-_IDENTITY = ("format", "layout", "vocab_size", "top_k", "dtype", "id_dtype", "teacher", "tokenizer", "data")
+_IDENTITY = (
+    "format", "layout", "vocab_size", "top_k", "dtype", "id_dtype", "teacher", "tokenizer", "data", "shard_size",
+    "teacher_window",
+)  # fmt: skip
 
 
 @dataclass
@@ -227,9 +230,15 @@ def cache_teacher(
     if getattr(teacher.config, "is_encoder_decoder", False):
         raise ValueError("a teacher cache is written for language-model teachers; distil encoder-decoders online")
     stream = layout["kind"] == "stream"
+    stateful = is_stateful(teacher)
+    # A stateless (Transformer) teacher on streams sees each BPTT window alone, as online distillation feeds it:
+    # its windows are the training batches', so shards hold whole windows and the cache is tied to seq_len.
+    teacher_window = train_dataset.seq_len if stream and not stateful else None
     if stream:
         rows_per_shard = layout["rows"]
         positions_per_shard = max(1, shard_tokens // layout["rows"])
+        if teacher_window:
+            positions_per_shard = max(teacher_window, positions_per_shard // teacher_window * teacher_window)
         num_shards = -(-layout["positions"] // positions_per_shard)
     else:
         rows_per_shard = max(1, shard_tokens // layout["positions"])
@@ -245,6 +254,8 @@ def cache_teacher(
         "teacher_class": type(teacher).__name__,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "data": data,
+        "shard_size": positions_per_shard if stream else rows_per_shard,
+        "teacher_window": teacher_window,
         "num_shards": num_shards,
         "shards": [],
         "complete": False,
@@ -258,7 +269,8 @@ def cache_teacher(
         if differing:
             raise ValueError(
                 f"{output_dir} holds a teacher cache of another teacher, data or setting (differs in "
-                f"{', '.join(differing)}): write this cache to another folder, or delete that one"
+                f"{', '.join(differing)}): write this cache to another folder, or delete that one (or, to finish "
+                "it, rerun with the settings it was started with)"
             )
         if existing.get("complete"):
             logger.info("teacher cache %s is complete, nothing to do", output_dir)
@@ -279,16 +291,16 @@ def cache_teacher(
     teacher.eval().to(device)
     done = len(manifest["shards"])
     state = None
-    stateful = is_stateful(teacher)
     if stream:
         streams = train_dataset.all_streams
         if done:
             last = os.path.join(output_dir, manifest["shards"][-1]["file"])
             with safe_open(last, framework="pt") as f:
                 keys = sorted((k for k in f.keys() if k.startswith("state.")), key=lambda k: int(k.split(".")[1]))
-                state = tuple(f.get_tensor(k).to(device) for k in keys) or None
-        # Logits of one window of every stream stay under ~64 MB (float32).
-        window = max(1, min(positions_per_shard, (1 << 24) // (layout["rows"] * vocab_size)))
+                dtype_of_state = next(teacher.parameters()).dtype
+                state = tuple(f.get_tensor(k).to(device=device, dtype=dtype_of_state) for k in keys) or None
+        # Logits of one window of every stream stay under ~256 MB (float32).
+        window = teacher_window or max(1, min(positions_per_shard, (1 << 26) // (layout["rows"] * vocab_size)))
     else:
         blocks = _blocks(train_dataset)
     total = layout["positions"] if stream else layout["rows"]
@@ -408,6 +420,12 @@ class TeacherCache:
                 )
             raise ValueError(
                 f"teacher cache {self.path} was written for the layout {self.layout}, this run needs {layout}{hint}"
+            )
+        window = self.manifest.get("teacher_window")
+        if window and getattr(train_dataset, "seq_len", window) != window:
+            raise ValueError(
+                f"teacher cache {self.path} holds a stateless teacher run on windows of {window} tokens, this run "
+                f"trains on windows of {train_dataset.seq_len}: use seq_len {window}, or write a cache for this run"
             )
         mismatches = []
         if data != self.manifest["data"]:

@@ -231,10 +231,6 @@ class DistillationTrainer(Seq2SeqTrainer):
             teacher_model = load_teacher(
                 str(teacher_model), is_encoder_decoder=model.config.is_encoder_decoder, dtype=args.teacher_dtype
             )
-        if teacher_model is not None:
-            _check_same_vocabulary(model, teacher_model)
-            if TEACHER_DTYPES[args.teacher_dtype] is not None:
-                teacher_model = teacher_model.to(TEACHER_DTYPES[args.teacher_dtype])
         self.teacher_cache = None
         if use_cache:
             from seqkd.teacher_cache import TeacherCache
@@ -247,6 +243,10 @@ class DistillationTrainer(Seq2SeqTrainer):
                 vocab_size=model.get_output_embeddings().weight.shape[0], teacher=teacher_model,
             )  # fmt: skip
             teacher_model = None
+        if teacher_model is not None:
+            _check_same_vocabulary(model, teacher_model)
+            if TEACHER_DTYPES[args.teacher_dtype] is not None:
+                teacher_model = teacher_model.to(TEACHER_DTYPES[args.teacher_dtype])
         super().__init__(model=model, args=args, **kwargs)
         if self.teacher_cache is not None:
             self.train_dataset = self.teacher_cache.attach(self.train_dataset)

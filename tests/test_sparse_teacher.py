@@ -121,3 +121,15 @@ def test_student_tail_is_refused_where_it_is_not_defined():
         kd_loss(s, teacher, y, temperature=2.0)
     with pytest.raises(ValueError, match="SparseTeacher tail must be one of"):
         SparseTeacher(teacher.ids, teacher.logprobs, t.shape[-1], tail="zipf")
+
+
+def test_student_tail_stays_exact_when_the_student_is_certain_of_the_teacher_top_k():
+    s, t, y = make_inputs(dtype=torch.float32)
+    ids = torch.log_softmax(t, -1).topk(4, -1).indices
+    s = s.detach().scatter(1, ids, 25.0).requires_grad_()  # < 1e-8 of the student's mass left outside the top 4
+    teacher = top_k(t, 4, dtype=torch.float32)
+    teacher.tail = "student"
+    out = kd_loss(s, teacher, y)
+    reference = binned_kl(s.double(), t, 4)[y != -100].mean()
+    torch.testing.assert_close(out.loss.double(), reference, rtol=1e-4, atol=1e-5)
+    assert grad_of(out.loss, s).abs().max() < 1.0

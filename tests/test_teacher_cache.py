@@ -104,6 +104,32 @@ def test_block_student_from_a_full_cache_matches_the_live_teacher_with_shuffling
     assert cached == pytest.approx(online, rel=1e-5)
 
 
+def test_stateless_teacher_on_streams_is_cached_window_by_window(corpus, tmp_path):
+    tokenizer, _, ids = corpus
+    train = StreamBatches(ids[:1600], 4, 8)
+    teacher = gpt2(tokenizer, seed=1)
+    manifest = cache_teacher(teacher, train, str(tmp_path / "cache"), top_k=len(tokenizer), dtype="float32",
+                             tokenizer=tokenizer, shard_tokens=100, show_progress=False)  # fmt: skip
+    assert manifest["teacher_window"] == 8 and manifest["shard_size"] % 8 == 0
+    fields = {"loss": "kd", "max_steps": 6}
+    online = DistillationTrainer(
+        model=gpt2(tokenizer, seed=2), args=make_args(tmp_path, "online", **fields), teacher_model=teacher,
+        train_dataset=train, processing_class=tokenizer,
+    )  # fmt: skip
+    online.train()
+    cached = DistillationTrainer(
+        model=gpt2(tokenizer, seed=2), args=make_args(tmp_path, "cached", teacher_cache=str(tmp_path / "cache"), **fields),
+        train_dataset=train, processing_class=tokenizer,
+    )  # fmt: skip
+    cached.train()
+    assert step_losses(cached) == pytest.approx(step_losses(online), rel=1e-5)
+    with pytest.raises(ValueError, match="windows of 8 tokens"):
+        DistillationTrainer(
+            model=gpt2(tokenizer, seed=2), args=make_args(tmp_path, "other", teacher_cache=str(tmp_path / "cache"), **fields),
+            train_dataset=StreamBatches(ids[:1600], 4, 6), processing_class=tokenizer,
+        )  # fmt: skip
+
+
 def test_top_k_cache_holds_the_teacher_top_k_and_residual(corpus, tmp_path):
     tokenizer, _, ids = corpus
     train = StreamBatches(ids[:800], 4, 8)
@@ -204,6 +230,8 @@ def test_interrupted_write_resumes_to_the_same_cache_and_is_never_read_half_done
             train_dataset=train, processing_class=tokenizer,
         )  # fmt: skip
 
+    with pytest.raises(ValueError, match="shard_size"):  # another shard size would not continue the same shards
+        cache_teacher(teacher, train, path, top_k=4, tokenizer=tokenizer, shard_tokens=600, show_progress=False)
     resumed = cache_teacher(teacher, train, path, top_k=4, tokenizer=tokenizer, shard_tokens=300, show_progress=False)
     assert resumed["complete"] and not [name for name in os.listdir(path) if name.endswith(".partial")]
     # The resumed run restarted the teacher from the state stored with shard 1: byte-identical shards.
