@@ -22,7 +22,21 @@ import shutil
 import tempfile
 import time
 
+from safetensors import safe_open
+
 from seqkd.cli import command_cache_teacher
+
+
+def mean_residual(cache_dir: str) -> float:
+    """The teacher's mean probability mass outside its cached top k, over every cached position."""
+    total, count = 0.0, 0
+    with open(os.path.join(cache_dir, "manifest.json")) as f:
+        shards = json.load(f)["shards"]
+    for shard in shards:
+        with safe_open(os.path.join(cache_dir, shard["file"]), framework="pt") as f:
+            residual = f.get_tensor("residual").double()
+        total, count = total + residual.sum().item(), count + residual.numel()
+    return total / max(count, 1)
 
 
 def main(argv=None) -> int:
@@ -47,15 +61,17 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             summary = command_cache_teacher(argv)
-        rows.append({**summary, "seconds": time.perf_counter() - started, "k": k})
+        rows.append({**summary, "seconds": time.perf_counter() - started, "k": k,
+                     "mean_residual": mean_residual(cache_dir)})  # fmt: skip
         if not options.keep:
             shutil.rmtree(cache_dir)
     layout = rows[0]["layout"]
     print(f"\nteacher {options.teacher}; {layout['kind']} layout, {layout['rows']} x {layout['positions']} positions; "
           f"log-probabilities in {options.dtype}\n")  # fmt: skip
-    print("| k | bytes/token | total MB | write time (s) |\n|---|---|---|---|")
+    print("| k | bytes/token | total MB | mean residual mass | write time (s) |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['k']} | {row['bytes_per_token']:.1f} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.1f} |")
+        print(f"| {row['k']} | {row['bytes_per_token']:.1f} | {row['bytes'] / 1e6:.1f} | {row['mean_residual']:.3f} | "
+              f"{row['seconds']:.1f} |")  # fmt: skip
     print("\n" + json.dumps([{k: r[k] for k in ("k", "bytes_per_token", "bytes")} for r in rows]))
     if not options.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -118,8 +118,12 @@ class SparseTeacher:
 
     def flatten_tokens(self) -> "SparseTeacher":
         k = self.ids.shape[-1]
-        residual = None if self.residual is None else self.residual.reshape(-1)
-        return SparseTeacher(self.ids.reshape(-1, k), self.logprobs.reshape(-1, k), self.vocab_size, residual, self.tail)
+        # Validated already: skip __init__'s checks (each id range check is a device synchronisation).
+        flat = object.__new__(SparseTeacher)
+        flat.ids, flat.logprobs = self.ids.reshape(-1, k), self.logprobs.reshape(-1, k)
+        flat.residual = None if self.residual is None else self.residual.reshape(-1)
+        flat.vocab_size, flat.tail = self.vocab_size, self.tail
+        return flat
 
     def dense_logprobs(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Rows ``start:stop`` (of the flattened tokens) as dense ``[n, V]`` log-probabilities."""

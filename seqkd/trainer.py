@@ -32,6 +32,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from seqkd.evaluation import corpus_perplexity, is_stateful
+from seqkd.teacher_cache import TEACHER_KEYS
 from seqkd.losses import (
     DIVERGENCES,
     LOSS_NAMES,
@@ -307,8 +308,6 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # The cached teacher outputs are not arguments of the model, but the loss needs them.
         super()._set_signature_columns_if_needed()
-        from seqkd.teacher_cache import TEACHER_KEYS
-
         self._signature_columns += [key for key in TEACHER_KEYS if key not in self._signature_columns]
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -345,7 +344,7 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        cached = {key: inputs.pop(key) for key in ("teacher_ids", "teacher_logprobs", "teacher_residual") if key in inputs}
+        cached = {key: inputs.pop(key) for key in TEACHER_KEYS if key in inputs}
         targets = self._aligned_targets(model, inputs)
         if self._stateful:
             inputs["state"] = self._student_state

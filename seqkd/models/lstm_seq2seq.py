@@ -526,6 +526,7 @@ class LSTMSeq2SeqPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     _no_split_modules = ["LSTMSeq2SeqEncoder", "LSTMSeq2SeqDecoder"]
 
+    # Copied from seqkd.models.lstm.LSTMPreTrainedModel._init_weights (one file per model family).
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         r = float(self.config.init_range)
