@@ -94,22 +94,49 @@ def write_results(rows: list[dict], output: str) -> None:
     teachers = [r for r in rows if r["role"] == "teacher"]
     students = [r for r in rows if r["role"] == "student"]
     lines = ["# Label-smoothed vs plain teachers, distilled", "", "## Teachers", "",
-             "| teacher | test BLEU | test chrF | test perplexity | validation stability |", "|---|---|---|---|---|"]
+             "| teacher | test BLEU | test chrF | test perplexity | validation BLEU | validation stability | train time (s) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in teachers:
-        lines.append(f"| {r['name']} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} | {r['test_perplexity']:.2f} | {r['stability']:.4f} |")
-    lines += ["", "## Students", "", "| student | loss | teacher | test BLEU | test chrF | vs CE-only BLEU |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['name']} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} | {r['test_perplexity']:.2f} | "
+            f"{_number(r.get('validation_bleu'), '.2f')} | {r['stability']:.4f} | {_number(r.get('train_runtime_s'), '.0f')} |"
+        )
+    lines += ["", "## Students", "",
+              "| student | loss | teacher | test BLEU | test chrF | vs CE-only BLEU | train time (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     ce_only = {r["name"]: r["test_bleu"] for r in students if r["teacher"] == ""}
     for r in students:
         delta = r["test_bleu"] - ce_only.get(r["name"], float("nan"))
         lines.append(
             f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} | "
-            f"{'' if r['teacher'] == '' else f'{delta:+.2f}'} |"
+            f"{'' if r['teacher'] == '' else f'{delta:+.2f}'} | {_number(r.get('train_runtime_s'), '.0f')} |"
         )
+    lines += _teacher_comparison(teachers, students)
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(teachers, students, output)
     print("\n".join(lines))
+
+
+def _number(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _teacher_comparison(teachers: list[dict], students: list[dict]) -> list[str]:
+    """Each student and loss taught by every teacher, side by side: which teacher distils the better student."""
+    names = [t["name"] for t in teachers]
+    bleu = {(r["name"], r["loss"], r["teacher"]): r["test_bleu"] for r in students if r["teacher"]}
+    cells = list(dict.fromkeys((student, loss) for student, loss, _ in bleu))
+    if len(names) != 2 or not cells:
+        return []
+    first, second = names
+    lines = ["", f"## Teacher {first} against teacher {second}, test BLEU of the same student and loss", "",
+             f"| student | loss | from {first} | from {second} | {first} - {second} |", "|---|---|---|---|---|"]  # fmt: skip
+    for student, loss in cells:
+        a, b = bleu.get((student, loss, first)), bleu.get((student, loss, second))
+        if a is not None and b is not None:
+            lines.append(f"| {student} | {loss} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
+    return lines
 
 
 def _plot(teachers: list[dict], students: list[dict], output: str) -> None:

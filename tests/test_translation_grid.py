@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
 from test_translation_cli import parallel_dir, recipe  # noqa: F401  (fixtures)
@@ -10,8 +11,8 @@ from test_translation_cli import parallel_dir, recipe  # noqa: F401  (fixtures)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_grid_module():
-    spec = importlib.util.spec_from_file_location("translation_grid", REPO / "scripts" / "translation_grid.py")
+def load_script(name: str = "translation_grid"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -29,10 +30,11 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
                 "students": {"tiny": {"model": "marian-tiny"}},
                 "losses": {"ce": {"loss": "ce"}, "kd": {"loss": "kd", "ce_weight": 0.5, "kd_weight": 0.5}},
                 "training": {"num_train_epochs": 1},
-            }
+            },
+            sort_keys=False,  # the teachers in this order: ls first
         )
     )
-    module = load_grid_module()
+    module = load_script()
     out = tmp_path / "out"
     rows = module.run_grid(str(grid), [], str(out))
     names = {(r["role"], r["name"], r["loss"], r["teacher"]) for r in rows}
@@ -43,7 +45,29 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
     assert all(0 < r["stability"] <= 1 for r in rows if r["role"] == "teacher")
     results = (out / "results.md").read_text()
     assert "| ls |" in results and "| tiny | kd | ce |" in results
+    bleu = {(r["loss"], r["teacher"]): r["test_bleu"] for r in rows if r["role"] == "student"}
+    # the side-by-side table: the same student and loss from each teacher, and their difference
+    ls_bleu, ce_bleu = bleu[("kd", "ls")], bleu[("kd", "ce")]
+    assert f"| tiny | kd | {ls_bleu:.2f} | {ce_bleu:.2f} | {ls_bleu - ce_bleu:+.2f} |" in results
     assert (out / "bleu.png").stat().st_size > 1000
     stamp = (out / "tiny-kd-from-ls" / "model" / "metrics.json").stat().st_mtime_ns
     module.run_grid(str(grid), [], str(out))  # everything finished: nothing is trained again
     assert (out / "tiny-kd-from-ls" / "model" / "metrics.json").stat().st_mtime_ns == stamp
+
+    # paired bootstrap on the finished grid: each system scores as the grid scored it (the same greedy decoding)
+    paired = load_script("paired_bleu")
+    compared = paired.paired_rows(str(grid), [], "test", str(out))
+    test_bleu = {f"tiny-{r['loss']}" + (f"-from-{r['teacher']}" if r["teacher"] else ""): r["test_bleu"]
+                 for r in rows if r["role"] == "student"}  # fmt: skip
+    assert [(r["baseline"], r["system"]) for r in compared] == [
+        ("tiny-kd-from-ce", "tiny-kd-from-ls"), ("tiny-ce", "tiny-kd-from-ls"), ("tiny-ce", "tiny-kd-from-ce"),
+    ]  # fmt: skip
+    for r in compared:
+        assert r["baseline_bleu"] == pytest.approx(test_bleu[r["baseline"]], abs=0.01)
+        assert r["system_bleu"] == pytest.approx(test_bleu[r["system"]], abs=0.01)
+        assert r["difference"] == pytest.approx(r["system_bleu"] - r["baseline_bleu"])
+        assert 0 < r["p_value"] <= 1 and r["ci95"] >= 0
+    table = paired.format_rows(compared, "test")
+    assert table.count("\n") == len(compared) + 1 and "| tiny-ce | tiny-kd-from-ce |" in table
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        paired.paired_rows(str(grid), [], "test", str(tmp_path / "nothing-here"))

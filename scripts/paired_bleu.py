@@ -1,0 +1,108 @@
+"""Is one teacher's student better than the other's, or is it seed noise? Paired bootstrap on a finished grid.
+
+    python scripts/paired_bleu.py recipes/students_multi30k.yaml --data_dir ../shared/data [--split test]
+
+For a grid that scripts/translation_grid.py has run, translates the split with every student (greedy, as the
+grid scores them) and, with sacreBLEU's paired bootstrap resampling (1,000 resamples, sacreBLEU's fixed
+seed), compares for each student and loss the student taught by the first teacher against the one taught by
+the second, and every distilled student against the CE-only student of the same model. Prints a markdown
+table: BLEU of both systems, the difference, sacreBLEU's p-value (the chance of a difference at least this
+large if the systems were equally good) and the 95% confidence interval of the system's BLEU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest
+from transformers import AutoTokenizer
+
+from seqkd.cli import _load_saved_model, load_parallel_corpus, parse_command_line
+from seqkd.evaluation import translate
+
+
+def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: str | None = None) -> list[dict]:
+    with open(recipe_path) as f:
+        grid = yaml.safe_load(f)
+    here = os.path.dirname(os.path.abspath(recipe_path))
+    output = output_dir or grid.get("output_dir", "runs/grid")
+    teachers = list(grid["teachers"])
+    if len(teachers) != 2:
+        raise ValueError(f"paired_bleu compares two teachers; the grid {recipe_path} has {teachers}")
+    base_recipe = os.path.join(here, grid["teachers"][teachers[0]])
+    _, data_args, args, _ = parse_command_line("evaluate", [base_recipe, *overrides, "--split", split])
+    corpus = load_parallel_corpus(data_args)
+    if split not in corpus:
+        raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+    sources, references = list(corpus[split]["source"]), list(corpus[split]["target"])
+    bleu = BLEU(tokenize="none" if data_args.pretokenized else args.bleu_tokenize)
+
+    hypotheses: dict[str, list[str]] = {}
+
+    def hyps(run: str) -> list[str]:
+        if run not in hypotheses:
+            model_dir = os.path.join(output, run, "model")
+            if not os.path.isfile(os.path.join(model_dir, "metrics.json")):
+                raise FileNotFoundError(f"{model_dir} is not a finished run: run scripts/translation_grid.py first")
+            model = _load_saved_model(model_dir).to(args.device)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            hypotheses[run] = translate(
+                model, tokenizer, sources, num_beams=args.generation_num_beams or 1,
+                max_new_tokens=args.generation_max_length or 128, batch_size=args.per_device_eval_batch_size,
+                show_progress=not args.disable_tqdm, desc=run,
+            )  # fmt: skip
+        return hypotheses[run]
+
+    def compare(baseline: str, system: str) -> dict:
+        test = PairedTest([(baseline, hyps(baseline)), (system, hyps(system))], {"BLEU": bleu}, [references], test_type="bs")
+        _, scores = test()
+        base, result = scores["BLEU"]
+        return {"baseline": baseline, "system": system, "baseline_bleu": base.score, "system_bleu": result.score,
+                "difference": result.score - base.score, "p_value": result.p_value, "ci95": result.ci}  # fmt: skip
+
+    rows = []
+    first, second = teachers
+    for student in grid["students"]:
+        for loss, fields in grid["losses"].items():
+            if fields.get("loss") in ("ce", "ls"):
+                continue
+            rows.append(compare(f"{student}-{loss}-from-{second}", f"{student}-{loss}-from-{first}"))
+        ce_losses = [loss for loss, fields in grid["losses"].items() if fields.get("loss") in ("ce", "ls")]
+        for ce in ce_losses[:1]:
+            for loss, fields in grid["losses"].items():
+                if fields.get("loss") not in ("ce", "ls"):
+                    for teacher in teachers:
+                        rows.append(compare(f"{student}-{ce}", f"{student}-{loss}-from-{teacher}"))
+    return rows
+
+
+def format_rows(rows: list[dict], split: str) -> str:
+    lines = [f"| baseline | system | baseline {split} BLEU | system {split} BLEU | system - baseline | p-value | system 95% CI |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['baseline']} | {r['system']} | {r['baseline_bleu']:.2f} | {r['system_bleu']:.2f} | "
+            f"{r['difference']:+.2f} | {r['p_value']:.4f} | ±{r['ci95']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="the grid recipe scripts/translation_grid.py ran, e.g. recipes/students_multi30k.yaml")
+    parser.add_argument("--split", default="test", help="the split to translate and compare on (default: test)")
+    parser.add_argument("--output_dir", default=None, help="the grid's output folder (default: the recipe's)")
+    args, overrides = parser.parse_known_args(argv)
+    if not os.path.isfile(args.recipe):
+        parser.error(f"grid recipe {args.recipe!r} does not exist")
+    rows = paired_rows(args.recipe, overrides, args.split, args.output_dir)
+    print(format_rows(rows, args.split))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
