@@ -202,29 +202,21 @@ def test_all_presets_are_listed():
     assert {"marian-tiny", "transformer-3x3-256", "transformer-2x2-128"} <= set(SEQ2SEQ_PRESETS)
 
 
-def _reverse_batch(rng, n: int, vocab: int, pad: int, eos: int):
-    sources = [[rng.randint(3, vocab - 1) for _ in range(rng.randint(3, 6))] for _ in range(n)]
-    targets = [list(reversed(s)) + [eos] for s in sources]
-    src_len, tgt_len = max(map(len, sources)), max(map(len, targets))
-    input_ids = torch.tensor([s + [pad] * (src_len - len(s)) for s in sources])
-    labels = torch.tensor([t + [-100] * (tgt_len - len(t)) for t in targets])
-    return input_ids, (input_ids != pad).long(), labels, targets
-
 
 @pytest.mark.parametrize("preset", ["marian-tiny", "bart-tiny"])
 def test_tiny_seq2seq_learns_to_reverse_sequences(preset):
     import random
 
     import sacrebleu
+    from test_lstm_seq2seq import BOS, EOS, PAD, VOCAB, reverse_batch, strip_generated  # the same task as the LSTM's
 
     torch.manual_seed(0)
     rng = random.Random(0)
-    vocab, pad, eos = 20, 0, 2
-    model = build_seq2seq(preset, vocab_size=vocab, pad_token_id=pad, bos_token_id=1, eos_token_id=eos, dropout=0.0)
+    model = build_seq2seq(preset, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, dropout=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(300):
-        input_ids, mask, labels, _ = _reverse_batch(rng, 64, vocab, pad, eos)
+        input_ids, mask, labels, _ = reverse_batch(rng, 64)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -232,14 +224,10 @@ def test_tiny_seq2seq_learns_to_reverse_sequences(preset):
         optimizer.step()
 
     model.eval()
-    input_ids, mask, _, targets = _reverse_batch(random.Random(1234), 200, vocab, pad, eos)
+    input_ids, mask, _, targets = reverse_batch(random.Random(1234), 200)
     generated = model.generate(input_ids, attention_mask=mask, max_new_tokens=8, num_beams=1, do_sample=False)
-    start = model.config.decoder_start_token_id
-    hyps = []
-    for row in generated.tolist():
-        tokens = [t for t in row if t != start]
-        tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-        hyps.append(" ".join(f"w{t}" for t in tokens if t != pad))
+    assert torch.all(generated[:, 0] == model.config.decoder_start_token_id)
+    hyps = [" ".join(f"w{t}" for t in strip_generated(row)) for row in generated]
     refs = [" ".join(f"w{t}" for t in target[:-1]) for target in targets]
     bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
     assert bleu >= 90, f"{preset}: BLEU {bleu:.1f} on the reverse task"
