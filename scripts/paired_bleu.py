@@ -13,6 +13,7 @@ large if the systems were equally good) and the 95% confidence interval of the s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,12 +29,17 @@ from seqkd.evaluation import translate
 def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: str | None = None) -> list[dict]:
     with open(recipe_path) as f:
         grid = yaml.safe_load(f)
-    here = os.path.dirname(os.path.abspath(recipe_path))
     output = output_dir or grid.get("output_dir", "runs/grid")
-    teachers = list(grid["teachers"])
+    rows_path = os.path.join(output, "rows.json")
+    if not os.path.isfile(rows_path):
+        raise FileNotFoundError(f"{output} holds no finished grid ({rows_path} is missing): run scripts/translation_grid.py first")
+    with open(rows_path) as f:
+        rows = json.load(f)
+    teachers = [r["name"] for r in rows if r["role"] == "teacher"]
     if len(teachers) != 2:
-        raise ValueError(f"paired_bleu compares two teachers; the grid {recipe_path} has {teachers}")
-    base_recipe = os.path.join(here, grid["teachers"][teachers[0]])
+        raise ValueError(f"paired_bleu compares two teachers; the grid in {output} has {teachers}")
+    # The data fields (corpus, languages, tokenization) are the first teacher's, as the grid's students use them.
+    base_recipe = os.path.join(os.path.dirname(os.path.abspath(recipe_path)), grid["teachers"][teachers[0]])
     _, data_args, args, _ = parse_command_line("evaluate", [base_recipe, *overrides, "--split", split])
     corpus = load_parallel_corpus(data_args)
     if split not in corpus:
@@ -46,8 +52,6 @@ def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: 
     def hyps(run: str) -> list[str]:
         if run not in hypotheses:
             model_dir = os.path.join(output, run, "model")
-            if not os.path.isfile(os.path.join(model_dir, "metrics.json")):
-                raise FileNotFoundError(f"{model_dir} is not a finished run: run scripts/translation_grid.py first")
             model = _load_saved_model(model_dir).to(args.device)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             hypotheses[run] = translate(
@@ -64,20 +68,19 @@ def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: 
         return {"baseline": baseline, "system": system, "baseline_bleu": base.score, "system_bleu": result.score,
                 "difference": result.score - base.score, "p_value": result.p_value, "ci95": result.ci}  # fmt: skip
 
-    rows = []
     first, second = teachers
-    for student in grid["students"]:
-        for loss, fields in grid["losses"].items():
-            if fields.get("loss") in ("ce", "ls"):
-                continue
-            rows.append(compare(f"{student}-{loss}-from-{second}", f"{student}-{loss}-from-{first}"))
-        ce_losses = [loss for loss, fields in grid["losses"].items() if fields.get("loss") in ("ce", "ls")]
-        for ce in ce_losses[:1]:
-            for loss, fields in grid["losses"].items():
-                if fields.get("loss") not in ("ce", "ls"):
-                    for teacher in teachers:
-                        rows.append(compare(f"{student}-{ce}", f"{student}-{loss}-from-{teacher}"))
-    return rows
+    students = [r for r in rows if r["role"] == "student"]
+    run = {(r["name"], r["loss"], r["teacher"]): r["run"] for r in students}
+    compared = []
+    for student in dict.fromkeys(r["name"] for r in students):
+        distilled = [r for r in students if r["name"] == student and r["teacher"]]
+        for loss in dict.fromkeys(r["loss"] for r in distilled):
+            if (student, loss, first) in run and (student, loss, second) in run:
+                compared.append(compare(run[student, loss, second], run[student, loss, first]))
+        ce_only = next((r["run"] for r in students if r["name"] == student and not r["teacher"]), None)
+        if ce_only is not None:
+            compared += [compare(ce_only, r["run"]) for r in distilled]
+    return compared
 
 
 def format_rows(rows: list[dict], split: str) -> str:

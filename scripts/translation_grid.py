@@ -71,7 +71,7 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
                 json.dump(evaluated, f, indent=2)
         with open(stability_path) as f:
             metrics["stability"] = json.load(f)["stability"]
-        rows.append({"role": "teacher", "name": name, "loss": name, "teacher": "", **metrics})
+        rows.append({"role": "teacher", "name": name, "loss": name, "teacher": "", "run": os.path.basename(run_dir), **metrics})
 
     base_recipe = next(iter(teacher_dirs.values()))[0]
     for student, student_fields in grid["students"].items():
@@ -85,7 +85,8 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
                     if teacher:
                         fields["teacher_model_name_or_path"] = os.path.join(teacher_dirs[teacher][1], "model")
                     command_train([base_recipe, *_argv(fields), *overrides, "--output_dir", run_dir], distill=bool(teacher))
-                rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "", **_metrics(run_dir)})
+                rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "",
+                             "run": os.path.basename(run_dir), **_metrics(run_dir)})  # fmt: skip
     write_results(rows, output)
     return rows
 
@@ -114,6 +115,8 @@ def write_results(rows: list[dict], output: str) -> None:
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    with open(os.path.join(output, "rows.json"), "w") as f:  # what scripts/paired_bleu.py compares
+        json.dump(rows, f, indent=2)
     _plot(teachers, students, output)
     print("\n".join(lines))
 

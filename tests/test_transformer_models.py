@@ -202,32 +202,11 @@ def test_all_presets_are_listed():
     assert {"marian-tiny", "transformer-3x3-256", "transformer-2x2-128"} <= set(SEQ2SEQ_PRESETS)
 
 
-
 @pytest.mark.parametrize("preset", ["marian-tiny", "bart-tiny"])
 def test_tiny_seq2seq_learns_to_reverse_sequences(preset):
-    import random
-
-    import sacrebleu
-    from test_lstm_seq2seq import BOS, EOS, PAD, VOCAB, reverse_batch, strip_generated  # the same task as the LSTM's
+    from test_lstm_seq2seq import BOS, EOS, PAD, VOCAB, reverse_task_bleu  # the same task as the LSTM's
 
     torch.manual_seed(0)
-    rng = random.Random(0)
     model = build_seq2seq(preset, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, dropout=0.0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(300):
-        input_ids, mask, labels, _ = reverse_batch(rng, 64)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    model.eval()
-    input_ids, mask, _, targets = reverse_batch(random.Random(1234), 200)
-    generated = model.generate(input_ids, attention_mask=mask, max_new_tokens=8, num_beams=1, do_sample=False)
-    assert torch.all(generated[:, 0] == model.config.decoder_start_token_id)
-    hyps = [" ".join(f"w{t}" for t in strip_generated(row)) for row in generated]
-    refs = [" ".join(f"w{t}" for t in target[:-1]) for target in targets]
-    bleu = sacrebleu.corpus_bleu(hyps, [refs]).score
+    bleu = reverse_task_bleu(model, steps=300, lr=3e-3)
     assert bleu >= 90, f"{preset}: BLEU {bleu:.1f} on the reverse task"

@@ -69,5 +69,5 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
         assert 0 < r["p_value"] <= 1 and r["ci95"] >= 0
     table = paired.format_rows(compared, "test")
     assert table.count("\n") == len(compared) + 1 and "| tiny-ce | tiny-kd-from-ce |" in table
-    with pytest.raises(FileNotFoundError, match="not a finished run"):
+    with pytest.raises(FileNotFoundError, match="no finished grid"):
         paired.paired_rows(str(grid), [], "test", str(tmp_path / "nothing-here"))
