@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 from seqkd.evaluation import corpus_perplexity, is_stateful
 from seqkd.data.text import evaluation_dataloader
 from seqkd.trainer import DistillationArguments, DistillationTrainer, save_model_atomically
+from seqkd.errors import InvalidValueError
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ class BornAgainArguments:
 
     def __post_init__(self):
         if self.num_generations < 1:
-            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+            raise InvalidValueError(f"num_generations must be >= 1, got {self.num_generations}")
         if self.teacher_loss not in ("ce", "ls"):
-            raise ValueError(f"teacher_loss must be 'ce' or 'ls', got {self.teacher_loss!r}")
+            raise InvalidValueError(f"teacher_loss must be 'ce' or 'ls', got {self.teacher_loss!r}")
 
 
 @dataclass
@@ -78,7 +79,7 @@ class GenerationEnsemble(torch.nn.Module):
     def __init__(self, members: list[PreTrainedModel]):
         super().__init__()
         if not members:
-            raise ValueError("an ensemble needs at least one model")
+            raise InvalidValueError("an ensemble needs at least one model")
         self.members = torch.nn.ModuleList(members)
 
     def forward(self, input_ids, state=None, **kwargs) -> EnsembleOutput:
@@ -127,11 +128,11 @@ def run_born_again(
         One metrics dict per generation, then the ensemble's (when enabled).
     """
     if not eval_datasets:
-        raise ValueError("run_born_again needs at least one evaluation split, e.g. {'validation': ...}")
+        raise InvalidValueError("run_born_again needs at least one evaluation split, e.g. {'validation': ...}")
     if args.loss in ("ce", "ls"):
-        raise ValueError(f"the students' loss must use the teacher, got {args.loss!r}; try 'ban', 'kd' or 'dkd'")
+        raise InvalidValueError(f"the students' loss must use the teacher, got {args.loss!r}; try 'ban', 'kd' or 'dkd'")
     if getattr(model_init().config, "is_encoder_decoder", False):
-        raise ValueError(
+        raise InvalidValueError(
             "Born-Again chains and their ensemble are built for language models; distil a translation model with "
             "`seqkd distill` (DistillationTrainer) instead"
         )

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedModel
 
+from seqkd.errors import InvalidValueError, MissingInputError
+
 COMMANDS = ("train", "distill", "cache-teacher", "born-again", "evaluate")
 DATA_DIR_ENV = "SEQKD_DATA_DIR"
 
@@ -161,17 +163,17 @@ def _parser(command: str) -> HfArgumentParser:
 
 def _recipe_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe {path!r} does not exist")
+        raise MissingInputError(f"recipe {path!r} does not exist")
     with open(path) as f:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} must be a mapping of field: value, got {type(recipe).__name__}")
+        raise InvalidValueError(f"recipe {path} must be a mapping of field: value, got {type(recipe).__name__}")
     known = {action.dest for action in parser._actions}
     # One recipe serves every command: fields of another command (num_generations for `evaluate`, say) are skipped.
     every_field = {f.name for command in COMMANDS for cls in _parser(command).dataclass_types for f in dataclasses.fields(cls)}
     unknown = sorted(set(recipe) - every_field)
     if unknown:
-        raise ValueError(f"recipe {path} has unknown fields {unknown}; `seqkd COMMAND --help` lists the fields")
+        raise InvalidValueError(f"recipe {path} has unknown fields {unknown}; `seqkd COMMAND --help` lists the fields")
     argv = []
     for key, value in recipe.items():
         if value is None or key not in known:
@@ -241,7 +243,7 @@ def build_tokenizer(data_args: DataArguments, corpus, teacher_path: str | None =
         return train_bpe_tokenizer(corpus["train"], vocab_size=data_args.bpe_vocab_size)
     if os.path.isdir(data_args.tokenizer):
         return AutoTokenizer.from_pretrained(data_args.tokenizer)
-    raise ValueError(f"tokenizer must be 'word', 'bpe' or a saved tokenizer folder, got {data_args.tokenizer!r}")
+    raise InvalidValueError(f"tokenizer must be 'word', 'bpe' or a saved tokenizer folder, got {data_args.tokenizer!r}")
 
 
 def _model_config(model_args: ModelArguments) -> dict:
@@ -250,9 +252,9 @@ def _model_config(model_args: ModelArguments) -> dict:
     try:
         config = json.loads(model_args.model_config)
     except json.JSONDecodeError as error:
-        raise ValueError(f"model_config must be a JSON object, got {model_args.model_config!r}: {error}") from error
+        raise InvalidValueError(f"model_config must be a JSON object, got {model_args.model_config!r}: {error}") from error
     if not isinstance(config, dict):
-        raise ValueError(f"model_config must be a JSON object, got {model_args.model_config!r}")
+        raise InvalidValueError(f"model_config must be a JSON object, got {model_args.model_config!r}")
     return config
 
 
@@ -294,7 +296,7 @@ def model_factory(model_args: ModelArguments, tokenizer):
             check_vocab_size(tokenizer, model)
             return model
     else:
-        raise ValueError(
+        raise InvalidValueError(
             f"model must be 'lstm', 'lstm-seq2seq', one of the presets {sorted(CAUSAL_LM_PRESETS)} or "
             f"{sorted(SEQ2SEQ_PRESETS)}, or a saved model folder; got {name!r}"
         )
@@ -354,7 +356,7 @@ def build_translation_datasets(corpus, tokenizer, data_args: DataArguments, spli
 
     for split in ["train", *splits]:
         if split not in corpus:
-            raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+            raise InvalidValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
     corpus = filter_by_length(corpus, tokenizer, min_tokens=1, max_tokens=data_args.max_source_length)
     tokenized = tokenize_translation(
         corpus, tokenizer, max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length
@@ -392,7 +394,7 @@ def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bo
 
     for split in ["train", *splits]:
         if split not in corpus:
-            raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+            raise InvalidValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
     train = make("train", args.per_device_train_batch_size, data_args.max_train_tokens)
     evals = {split: make(split, args.per_device_eval_batch_size, data_args.max_eval_tokens) for split in splits}
     return train, evals
@@ -437,21 +439,21 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     model_args, data_args, args = parse_command_line("distill" if distill else "train", argv)
     has_teacher = bool(args.teacher_model_name_or_path or args.teacher_cache)
     if distill and not has_teacher:
-        raise ValueError(
+        raise InvalidValueError(
             "seqkd distill needs --teacher_model_name_or_path (a trained model folder) or --teacher_cache "
             "(a folder written by `seqkd cache-teacher`)"
         )
     if not distill and args.needs_teacher and not has_teacher:
-        raise ValueError(
+        raise InvalidValueError(
             f"loss {args.loss!r} needs a teacher: use `seqkd distill --teacher_model_name_or_path ...`, "
             "or train from labels with --loss ce / ls"
         )
     teacher_path = args.teacher_model_name_or_path if args.needs_teacher else None
     if teacher_path and not os.path.isdir(teacher_path):
-        raise FileNotFoundError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
+        raise MissingInputError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
     if args.needs_teacher and args.teacher_cache:
         if not os.path.isdir(args.teacher_cache):
-            raise FileNotFoundError(f"teacher_cache {args.teacher_cache!r} does not exist: write it with `seqkd cache-teacher`")
+            raise MissingInputError(f"teacher_cache {args.teacher_cache!r} does not exist: write it with `seqkd cache-teacher`")
         # The cache keeps the teacher's tokenizer beside its shards.
         teacher_path = teacher_path or args.teacher_cache
     set_seed(args.seed)
@@ -485,13 +487,13 @@ def command_cache_teacher(argv: list[str]) -> dict:
     model_args, data_args, args, cache_args = parse_command_line("cache-teacher", argv)
     teacher_path = args.teacher_model_name_or_path
     if not teacher_path:
-        raise ValueError("seqkd cache-teacher needs --teacher_model_name_or_path (a trained model folder)")
+        raise InvalidValueError("seqkd cache-teacher needs --teacher_model_name_or_path (a trained model folder)")
     if not args.teacher_cache:
-        raise ValueError("seqkd cache-teacher needs --teacher_cache (the folder to write the cache to)")
+        raise InvalidValueError("seqkd cache-teacher needs --teacher_cache (the folder to write the cache to)")
     if not os.path.isdir(teacher_path):
-        raise FileNotFoundError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
+        raise MissingInputError(f"teacher_model_name_or_path {teacher_path!r} does not exist")
     if _is_translation(data_args, model_args):
-        raise ValueError("seqkd cache-teacher caches language-model teachers; distil translation models online")
+        raise InvalidValueError("seqkd cache-teacher caches language-model teachers; distil translation models online")
     # The training set exactly as `seqkd distill` with this recipe will build it (the student decides the batching).
     tokenizer, _, _, train, _, _ = _prepare(model_args, data_args, args, teacher_path)
     if isinstance(train, StreamBatches):
@@ -539,9 +541,9 @@ def command_evaluate(argv: list[str]) -> dict:
     model_args, data_args, args, eval_args = parse_command_line("evaluate", argv)
     path = eval_args.model_name_or_path
     if not path:
-        raise ValueError("seqkd evaluate needs --model_name_or_path (a saved model folder)")
+        raise InvalidValueError("seqkd evaluate needs --model_name_or_path (a saved model folder)")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model_name_or_path {path!r} does not exist")
+        raise MissingInputError(f"model_name_or_path {path!r} does not exist")
     model = _load_saved_model(path).to(args.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_vocab_size(tokenizer, model)
@@ -553,7 +555,7 @@ def command_evaluate(argv: list[str]) -> dict:
 
         corpus = load_parallel_corpus(data_args)
         if split not in corpus:
-            raise ValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
+            raise InvalidValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
         _, evals = build_translation_datasets(corpus, tokenizer, data_args, [split])
         tokenize = "none" if data_args.pretokenized else args.bleu_tokenize
         bleu = bleu_eval(

@@ -9,6 +9,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
+from seqkd.errors import InvalidValueError
+
 __all__ = ["corpus_perplexity", "check_vocab_size", "model_vocab_size", "is_stateful"]
 
 IGNORE_INDEX = -100
@@ -23,7 +25,7 @@ def model_vocab_size(model_or_config) -> int:
     if size is None and hasattr(config, "get_text_config"):
         size = getattr(config.get_text_config(), "vocab_size", None)
     if size is None:
-        raise ValueError(f"cannot find a vocab_size on {type(model_or_config).__name__}")
+        raise InvalidValueError(f"cannot find a vocab_size on {type(model_or_config).__name__}")
     return int(size)
 
 
@@ -37,7 +39,7 @@ def check_vocab_size(tokenizer, model_or_config, *, exact: bool = True) -> None:
     n_model = model_vocab_size(model_or_config)
     if n_tok == n_model or (not exact and n_tok < n_model):
         return
-    raise ValueError(
+    raise InvalidValueError(
         f"tokenizer has {n_tok} tokens but the model's vocab_size is {n_model}: "
         + (
             "token ids would index past the model's embedding/output layer"
@@ -89,7 +91,7 @@ def _sum_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         return 0.0, 0
     t_valid = targets[valid]
     if int(t_valid.max()) >= vocab or int(t_valid.min()) < 0:
-        raise ValueError(
+        raise InvalidValueError(
             f"target ids range over [{int(t_valid.min())}, {int(t_valid.max())}] but the model "
             f"outputs {vocab} logits: tokenizer and model vocabularies differ"
         )
@@ -186,7 +188,7 @@ def corpus_perplexity(
                 targets = batch["labels"][:, 1:]
                 stream = False
             else:
-                raise ValueError(
+                raise InvalidValueError(
                     f"batch has neither 'shift_labels' nor 'labels' (keys: {sorted(batch)})"
                 )
             kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
@@ -202,7 +204,7 @@ def corpus_perplexity(
             if not stream:
                 logits = logits[:, :-1]
             if logits.shape[:2] != targets.shape:
-                raise ValueError(
+                raise InvalidValueError(
                     f"logits {tuple(logits.shape)} do not line up with targets {tuple(targets.shape)}"
                 )
             nll, n = _sum_nll(logits, targets)
@@ -212,7 +214,7 @@ def corpus_perplexity(
         model.train(was_training)
 
     if total_tokens == 0:
-        raise ValueError("no target tokens: the batches are empty or all targets are -100")
+        raise InvalidValueError("no target tokens: the batches are empty or all targets are -100")
     loss = total_nll / total_tokens
     try:
         ppl = math.exp(loss)
@@ -235,7 +237,7 @@ def _reference_streams(references, n_hyp: int) -> list[list]:
         raise TypeError("references must be a sequence of strings (or of lists of strings), got a single str")
     refs = list(references)
     if len(refs) != n_hyp:
-        raise ValueError(
+        raise InvalidValueError(
             f"{n_hyp} hypotheses but {len(refs)} references: pass one reference (a str) or one list of "
             "references per hypothesis"
         )
@@ -254,7 +256,7 @@ def _hypotheses(hypotheses) -> list[str]:
         raise TypeError("hypotheses must be a sequence of strings, got a single str")
     hyps = list(hypotheses)
     if not hyps:
-        raise ValueError("no hypotheses to score")
+        raise InvalidValueError("no hypotheses to score")
     bad = [i for i, h in enumerate(hyps) if not isinstance(h, str)]
     if bad:
         raise TypeError(f"hypotheses must be strings; hypotheses[{bad[0]}] is {type(hyps[bad[0]]).__name__}")
@@ -317,7 +319,7 @@ def _source_texts(sources, column: str = "source") -> list[str]:
         if isinstance(names, dict):
             raise TypeError("pass one split (e.g. splits['test']), not a whole DatasetDict")
         if column not in names:
-            raise ValueError(f"dataset has no {column!r} column (columns: {names})")
+            raise InvalidValueError(f"dataset has no {column!r} column (columns: {names})")
         return list(sources[column])
     return list(sources)
 
@@ -361,9 +363,9 @@ def translate(
 
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False):
-        raise ValueError("translate needs an encoder-decoder model (config.is_encoder_decoder=True)")
+        raise InvalidValueError("translate needs an encoder-decoder model (config.is_encoder_decoder=True)")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
     texts = _source_texts(sources)
     if max_source_length is None:
         max_source_length = getattr(config, "max_position_embeddings", None)
@@ -440,7 +442,7 @@ def bleu_eval(
     cols = names if names is not None else list(dataset_split)
     for c in (source_column, target_column):
         if c not in cols:
-            raise ValueError(f"dataset split has no {c!r} column (columns: {list(cols)})")
+            raise InvalidValueError(f"dataset split has no {c!r} column (columns: {list(cols)})")
     sources = list(dataset_split[source_column])
     references = list(dataset_split[target_column])
     hyps = translate(
@@ -522,9 +524,9 @@ def teacher_stability(
     from tqdm.auto import tqdm
 
     if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
+        raise InvalidValueError(f"min_count must be >= 1, got {min_count}")
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        raise InvalidValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if device is None:
         device = _model_device(model)
     is_enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
@@ -552,13 +554,13 @@ def teacher_stability(
                 # an encoder-decoder builds its decoder inputs from the labels when they are absent
                 inputs = batch if is_enc_dec else {k: v for k, v in batch.items() if k != "labels"}
             else:
-                raise ValueError(f"batch has neither 'labels' nor 'shift_labels' (keys: {sorted(batch)})")
+                raise InvalidValueError(f"batch has neither 'labels' nor 'shift_labels' (keys: {sorted(batch)})")
             shift = not (default_aligned if aligned is None else aligned)
             logits = _logits(model(**inputs))
             if shift:
                 logits, targets = logits[:, :-1], targets[:, 1:]
             if logits.shape[:2] != targets.shape:
-                raise ValueError(
+                raise InvalidValueError(
                     f"logits {tuple(logits.shape)} do not line up with targets {tuple(targets.shape)}"
                 )
             valid = targets != IGNORE_INDEX
@@ -573,9 +575,9 @@ def teacher_stability(
                 counts = torch.zeros(0, dtype=torch.long, device=device)
                 lut = torch.full((vocab,), -1, dtype=torch.long, device=device)  # class id -> row
             elif probs.shape[-1] != vocab:
-                raise ValueError(f"vocabulary size changed between batches ({vocab} -> {probs.shape[-1]})")
+                raise InvalidValueError(f"vocabulary size changed between batches ({vocab} -> {probs.shape[-1]})")
             if int(y.min()) < 0 or int(y.max()) >= vocab:
-                raise ValueError(f"target ids range over [{int(y.min())}, {int(y.max())}] outside [0, {vocab})")
+                raise InvalidValueError(f"target ids range over [{int(y.min())}, {int(y.max())}] outside [0, {vocab})")
             new = [c for c in torch.unique(y).tolist() if c not in row_of]
             for c in new:
                 row_of[c] = len(row_of)
@@ -597,12 +599,12 @@ def teacher_stability(
         model.train(was_training)
 
     if n_tokens == 0:
-        raise ValueError("no target tokens: the batches are empty or all targets are -100")
+        raise InvalidValueError("no target tokens: the batches are empty or all targets are -100")
     used = len(row_of)
     n = counts[:used]
     keep = n >= min_count
     if not bool(keep.any()):
-        raise ValueError(f"no class (gold token) occurs at least min_count={min_count} times")
+        raise InvalidValueError(f"no class (gold token) occurs at least min_count={min_count} times")
     n_k = n[keep].to(dtype)
     mean = sums[:used][keep] / n_k[:, None]
     var = (sq[:used][keep] / n_k - (mean * mean).sum(-1)).clamp_min(0.0)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from seqkd.errors import InvalidValueError
+
 __all__ = [
     "DIVERGENCES",
     "LOSS_NAMES",
@@ -84,20 +86,20 @@ class SparseTeacher:
         self, ids: Tensor, logprobs: Tensor, vocab_size: int, residual: Tensor | None = None, tail: str = "uniform"
     ):
         if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"SparseTeacher ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
+            raise InvalidValueError(f"SparseTeacher ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids))}")
         if not isinstance(logprobs, Tensor) or not logprobs.dtype.is_floating_point:
-            raise ValueError("SparseTeacher logprobs must be a float tensor")
+            raise InvalidValueError("SparseTeacher logprobs must be a float tensor")
         if ids.shape != logprobs.shape or ids.dim() < 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"SparseTeacher ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must have one shape [..., k]"
             )
         k = ids.shape[-1]
         if not 1 <= k <= vocab_size:
-            raise ValueError(f"SparseTeacher holds k = {k} entries per token; k must be in [1, vocab_size={vocab_size}]")
+            raise InvalidValueError(f"SparseTeacher holds k = {k} entries per token; k must be in [1, vocab_size={vocab_size}]")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            raise ValueError(f"SparseTeacher ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+            raise InvalidValueError(f"SparseTeacher ids must lie in [0, {vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
         if residual is not None and (not isinstance(residual, Tensor) or residual.shape != ids.shape[:-1]):
-            raise ValueError(
+            raise InvalidValueError(
                 f"SparseTeacher residual must be a tensor of shape {tuple(ids.shape[:-1])} (one mass per token), "
                 f"got {tuple(getattr(residual, 'shape', ()))}"
             )
@@ -128,7 +130,7 @@ class SparseTeacher:
     def dense_logprobs(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Rows ``start:stop`` (of the flattened tokens) as dense ``[n, V]`` log-probabilities."""
         if self.tail != "uniform":
-            raise ValueError(f"a SparseTeacher with tail={self.tail!r} has no dense form without the student")
+            raise InvalidValueError(f"a SparseTeacher with tail={self.tail!r} has no dense form without the student")
         ids, logprobs = self.ids[start:stop].long(), self.logprobs[start:stop].to(dtype)
         tail = self.vocab_size - ids.shape[-1]
         if tail > 0:
@@ -155,31 +157,31 @@ def _teacher_rows(teacher, start: int, stop: int, dtype: torch.dtype) -> Tensor:
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise InvalidValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def _check_non_negative(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise InvalidValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        raise InvalidValueError(f"temperature must be > 0, got {temperature!r}")
 
 
 def _check_epsilon(epsilon: float) -> None:
     if not (isinstance(epsilon, (int, float)) and 0 <= epsilon < 1):
-        raise ValueError(f"epsilon (label smoothing) must be in [0, 1), got {epsilon!r}")
+        raise InvalidValueError(f"epsilon (label smoothing) must be in [0, 1), got {epsilon!r}")
 
 
 def _check_logits(name: str, logits: Tensor) -> None:
     if not isinstance(logits, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+        raise InvalidValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+        raise InvalidValueError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+        raise InvalidValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
 
 
 def _check_inputs(
@@ -196,25 +198,25 @@ def _check_inputs(
         if not isinstance(teacher_logits, SparseTeacher):
             _check_logits("teacher_logits", teacher_logits)
         if teacher_logits.shape[-1] != vocab_size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher vocabulary size ({teacher_logits.shape[-1]}) differs from the student's ({vocab_size}): "
                 "distil between models that share one tokenizer, or map the vocabularies first"
             )
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher_logits shape {tuple(teacher_logits.shape)} differs from student_logits shape "
                 f"{tuple(student_logits.shape)}: feed both models the same batch"
             )
         if teacher_logits.device != student_logits.device:
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher_logits are on {teacher_logits.device} but student_logits on {student_logits.device}: "
                 "move the teacher to the student's device"
             )
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
+            raise InvalidValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels))}")
         if labels.shape != student_logits.shape[:-1]:
-            raise ValueError(
+            raise InvalidValueError(
                 f"labels shape {tuple(labels.shape)} must equal the logits' shape without the vocabulary "
                 f"dimension, {tuple(student_logits.shape[:-1])}; align them first (for a causal LM shift the "
                 "labels: labels[..., 1:] against logits[..., :-1, :])"
@@ -222,13 +224,13 @@ def _check_inputs(
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
         if bad.any():
             value = labels[bad][0].item()
-            raise ValueError(
+            raise InvalidValueError(
                 f"label {value} is outside [0, {vocab_size}) and is not ignore_index ({ignore_index}): "
                 "check the tokenizer matches the model's vocabulary, or mark padding with ignore_index"
             )
     _check_choice("reduction", reduction, REDUCTIONS)
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
+        raise InvalidValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -640,12 +642,12 @@ def _token_loss(
     """Flatten, run ``kernel`` chunk by chunk through the autograd function, and reduce."""
     if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student":
         if not getattr(kernel, "takes_sparse_teacher", False):
-            raise ValueError(
+            raise InvalidValueError(
                 "a SparseTeacher with tail='student' is defined for forward KL only (losses 'kd' with divergence "
                 "'forward_kl', and 'ban'); use tail='uniform' for this loss"
             )
         if params.get("temperature", 1.0) != 1.0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"a SparseTeacher with tail='student' needs temperature 1, got {params['temperature']}: the "
                 "teacher's tail at another temperature depends on its shape, which the cache does not keep; "
                 "use tail='uniform'"
@@ -726,7 +728,7 @@ def kd_loss(
     _check_temperature(temperature)
     _check_choice("divergence", divergence, DIVERGENCES)
     if not (isinstance(jsd_beta, (int, float)) and 0 <= jsd_beta <= 1):
-        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
+        raise InvalidValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
     params = {"temperature": float(temperature), "divergence": divergence, "jsd_beta": float(jsd_beta)}
     forward = divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0)
     kernel = _sparse_forward_kl_kernel if forward and isinstance(teacher_logits, SparseTeacher) else _kd_kernel
@@ -758,13 +760,13 @@ def dkd_loss(
     Parts: ``"tckd"`` and ``"nckd"`` (each times ``temperature**2``, before ``alpha`` and ``beta``).
     """
     if labels is None:
-        raise ValueError("dkd_loss needs labels: the target class splits each distribution into TCKD and NCKD")
+        raise InvalidValueError("dkd_loss needs labels: the target class splits each distribution into TCKD and NCKD")
     _check_inputs(student_logits, teacher_logits, labels, ignore_index, reduction, chunk_size)
     _check_temperature(temperature)
     _check_non_negative("alpha", alpha)
     _check_non_negative("beta", beta)
     if student_logits.shape[-1] < 2:
-        raise ValueError(f"dkd_loss needs a vocabulary of at least 2 classes, got {student_logits.shape[-1]}")
+        raise InvalidValueError(f"dkd_loss needs a vocabulary of at least 2 classes, got {student_logits.shape[-1]}")
     params = {"temperature": float(temperature), "alpha": float(alpha), "beta": float(beta)}
     return _token_loss(
         _dkd_kernel, ("tckd", "nckd"), student_logits, teacher_logits, labels, params,
@@ -790,7 +792,7 @@ def label_smoothed_cross_entropy(
     vocabulary), so that ``loss = (1 - epsilon) * nll + epsilon * smooth``.
     """
     if labels is None:
-        raise ValueError("label_smoothed_cross_entropy needs labels")
+        raise InvalidValueError("label_smoothed_cross_entropy needs labels")
     _check_inputs(logits, None, labels, ignore_index, reduction, chunk_size)
     _check_epsilon(epsilon)
     names = ("nll", "smooth") if epsilon > 0 else ("nll",)
@@ -806,7 +808,7 @@ def _gold_and_forward_kl(
 ) -> LossOutput:
     """The gold term and forward-KL KD fused (same values and parts as computing them apart, fewer passes)."""
     if labels is None:
-        raise ValueError("the gold-label term needs labels")
+        raise InvalidValueError("the gold-label term needs labels")
     _check_inputs(student_logits, teacher_logits, labels, common["ignore_index"], common["reduction"], common["chunk_size"])
     names = ("ce", "nll", "kd") if epsilon > 0 else ("ce", "kd")
     params = {"ce_weight": float(ce_weight), "kd_weight": float(kd_weight), "epsilon": float(epsilon),
@@ -833,7 +835,7 @@ def cwtm_loss(
     ``sum_s [max p_T(s) / sum_u max p_T(u)] * CE_s``. Parts: ``"cwtm"`` and ``"nll"`` (unweighted CE).
     """
     if labels is None:
-        raise ValueError("cwtm_loss needs labels: it weights the gold-label cross-entropy")
+        raise InvalidValueError("cwtm_loss needs labels: it weights the gold-label cross-entropy")
     _check_inputs(student_logits, teacher_logits, labels, ignore_index, reduction, chunk_size)
     _check_temperature(temperature)
 
@@ -933,13 +935,13 @@ def distillation_loss(
     forward_kl = name == "ban" or (name == "kd" and (divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0)))
     if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student" and kd_weight > 0:
         if not forward_kl or temperature != 1.0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"a SparseTeacher with tail='student' is defined for forward KL only (losses 'kd' with divergence "
                 f"'forward_kl', and 'ban') at temperature 1, got loss {name!r} at temperature {temperature}; use "
                 "tail='uniform'"
             )
     if uses_teacher and teacher_logits is None and kd_weight > 0:
-        raise ValueError(f"loss {name!r} needs teacher_logits; use 'ce' or 'ls' to train from labels alone")
+        raise InvalidValueError(f"loss {name!r} needs teacher_logits; use 'ce' or 'ls' to train from labels alone")
     common = {
         "ignore_index": ignore_index,
         "reduction": reduction,

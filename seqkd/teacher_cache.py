@@ -38,6 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from seqkd.errors import InvalidValueError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
@@ -77,13 +79,13 @@ class TeacherCacheArguments:
 
     def __post_init__(self):
         if self.cache_top_k < 1:
-            raise ValueError(f"cache_top_k must be >= 1, got {self.cache_top_k}")
+            raise InvalidValueError(f"cache_top_k must be >= 1, got {self.cache_top_k}")
         if self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+            raise InvalidValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.cache_shard_tokens < 1:
-            raise ValueError(f"cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
+            raise InvalidValueError(f"cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
         if self.cache_num_processes < 1:
-            raise ValueError(f"cache_num_processes must be >= 1, got {self.cache_num_processes}")
+            raise InvalidValueError(f"cache_num_processes must be >= 1, got {self.cache_num_processes}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def data_layout(dataset) -> tuple[dict, str]:
     blocks = _blocks(dataset)
     if blocks is not None:
         return {"kind": "blocks", "rows": blocks.shape[0], "positions": blocks.shape[1]}, token_fingerprint(blocks)
-    raise ValueError(
+    raise InvalidValueError(
         f"a teacher cache covers language-model training data (StreamBatches or fixed-length blocks), got "
         f"{type(dataset).__name__} with columns {columns}: distil translation and padded data from a live teacher"
     )
@@ -218,17 +220,17 @@ def cache_teacher(
     from seqkd.evaluation import is_stateful
 
     if dtype not in CACHE_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
+        raise InvalidValueError(f"dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
     vocab_size = _vocab_size(teacher)
     if not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k must be in [1, {vocab_size}] (the teacher's vocabulary size), got {top_k}")
+        raise InvalidValueError(f"top_k must be in [1, {vocab_size}] (the teacher's vocabulary size), got {top_k}")
     if shard_tokens < 1 or batch_size < 1:
-        raise ValueError(f"shard_tokens and batch_size must be >= 1, got {shard_tokens} and {batch_size}")
+        raise InvalidValueError(f"shard_tokens and batch_size must be >= 1, got {shard_tokens} and {batch_size}")
     if tokenizer is not None and len(tokenizer) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {vocab_size} outputs")
+        raise InvalidValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {vocab_size} outputs")
     layout, data = data_layout(train_dataset)
     if getattr(teacher.config, "is_encoder_decoder", False):
-        raise ValueError("a teacher cache is written for language-model teachers; distil encoder-decoders online")
+        raise InvalidValueError("a teacher cache is written for language-model teachers; distil encoder-decoders online")
     stream = layout["kind"] == "stream"
     stateful = is_stateful(teacher)
     # A stateless (Transformer) teacher on streams sees each BPTT window alone, as online distillation feeds it:
@@ -267,7 +269,7 @@ def cache_teacher(
             existing = json.load(f)
         differing = [key for key in _IDENTITY if existing.get(key) != manifest[key]]
         if differing:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{output_dir} holds a teacher cache of another teacher, data or setting (differs in "
                 f"{', '.join(differing)}): write this cache to another folder, or delete that one (or, to finish "
                 "it, rerun with the settings it was started with)"
@@ -370,15 +372,15 @@ class TeacherCache:
     def __init__(self, path: str, *, verify: bool = True):
         manifest_path = os.path.join(path, MANIFEST_FILE)
         if not os.path.isfile(manifest_path):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"teacher cache {path!r} has no {MANIFEST_FILE}: write it first with `seqkd cache-teacher`"
             )
         with open(manifest_path) as f:
             self.manifest = manifest = json.load(f)
         if manifest.get("format") != FORMAT_VERSION:
-            raise ValueError(f"teacher cache {path} has format {manifest.get('format')!r}; this seqkd reads {FORMAT_VERSION}")
+            raise InvalidValueError(f"teacher cache {path} has format {manifest.get('format')!r}; this seqkd reads {FORMAT_VERSION}")
         if not manifest.get("complete"):
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher cache {path} is incomplete ({len(manifest['shards'])} of {manifest['num_shards']} shards): "
                 "run the same `seqkd cache-teacher` command again to finish it"
             )
@@ -387,7 +389,7 @@ class TeacherCache:
             if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"] or (
                 verify and _file_sha256(file) != shard["sha256"]
             ):
-                raise ValueError(
+                raise InvalidValueError(
                     f"teacher cache shard {file} is missing or damaged (size or sha256 differs from the manifest): "
                     "delete the cache folder and write it again"
                 )
@@ -418,12 +420,12 @@ class TeacherCache:
                     f" (the run trains {layout['rows']} streams = per_device_train_batch_size x processes, the cache "
                     f"holds {self.layout['rows']}: write it with cache_num_processes = the number of processes)"
                 )
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher cache {self.path} was written for the layout {self.layout}, this run needs {layout}{hint}"
             )
         window = self.manifest.get("teacher_window")
         if window and getattr(train_dataset, "seq_len", window) != window:
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher cache {self.path} holds a stateless teacher run on windows of {window} tokens, this run "
                 f"trains on windows of {train_dataset.seq_len}: use seq_len {window}, or write a cache for this run"
             )
@@ -437,7 +439,7 @@ class TeacherCache:
         if teacher is not None and model_fingerprint(teacher) != self.manifest["teacher"]:
             mismatches.append("teacher weights")
         if mismatches:
-            raise ValueError(
+            raise InvalidValueError(
                 f"teacher cache {self.path} does not match this run: different {'; '.join(mismatches)}. Write a "
                 "cache for this run with `seqkd cache-teacher` (same recipe and teacher)"
             )

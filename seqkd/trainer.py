@@ -44,6 +44,7 @@ from seqkd.losses import (
     SparseTeacher,
     distillation_loss,
 )
+from seqkd.errors import InvalidValueError, MissingInputError
 
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
@@ -128,7 +129,7 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             _check_temperature(self.temperature)
         _check_choice("divergence", self.divergence, DIVERGENCES)
         if not 0 <= self.jsd_beta <= 1:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta!r}")
+            raise InvalidValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta!r}")
         _check_non_negative("alpha", self.alpha)
         _check_non_negative("beta", self.beta)
         if self.label_smoothing is not None:
@@ -139,15 +140,15 @@ class DistillationArguments(Seq2SeqTrainingArguments):
         if self.teacher_cache and self.cache_tail == "student" and self.needs_teacher:
             forward_kl = self.loss == "ban" or (self.loss == "kd" and self.divergence == "forward_kl")
             if not forward_kl or (self.temperature or 1.0) != 1.0:
-                raise ValueError(
+                raise InvalidValueError(
                     f"cache_tail='student' needs forward KL at temperature 1 (loss 'ban', or 'kd' with divergence "
                     f"'forward_kl'), got loss {self.loss!r}, divergence {self.divergence!r}, temperature "
                     f"{self.temperature}: use cache_tail='uniform'"
                 )
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
-            raise ValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+            raise InvalidValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if getattr(self, "label_smoothing_factor", 0.0):
-            raise ValueError(
+            raise InvalidValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is transformers' own smoother, which the "
                 "distillation loss bypasses: set label_smoothing instead"
             )
@@ -166,13 +167,13 @@ def load_teacher(path: str, *, is_encoder_decoder: bool, dtype: str = "auto") ->
     if os.path.isdir(local):
         return auto.from_pretrained(local, **kwargs)
     if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", path):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"teacher {path!r} does not exist: train the teacher first, or point at the folder it was saved to"
         )
     try:
         return auto.from_pretrained(path, **kwargs)
     except OSError as error:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"teacher {path!r} is neither a local folder nor a model the Hub could serve: {error}"
         ) from error
 
@@ -215,13 +216,13 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def __init__(self, model=None, args: DistillationArguments | None = None, teacher_model=None, **kwargs):
         if args is None or not isinstance(args, DistillationArguments):
-            raise ValueError("DistillationTrainer needs args=DistillationArguments(...)")
+            raise InvalidValueError("DistillationTrainer needs args=DistillationArguments(...)")
         if model is None:
-            raise ValueError("DistillationTrainer needs the student model")
+            raise InvalidValueError("DistillationTrainer needs the student model")
         use_cache = bool(args.teacher_cache) and args.needs_teacher
         if teacher_model is None and args.needs_teacher and not use_cache:
             if args.teacher_model_name_or_path is None:
-                raise ValueError(
+                raise InvalidValueError(
                     f"loss {args.loss!r} needs a teacher: pass teacher_model=, set teacher_model_name_or_path or "
                     "teacher_cache (or use loss 'ce' / 'ls' to train from labels alone)"
                 )
@@ -237,7 +238,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             from seqkd.teacher_cache import TeacherCache
 
             if kwargs.get("train_dataset") is None:
-                raise ValueError("training from a teacher cache needs train_dataset= (the data the cache was written for)")
+                raise InvalidValueError("training from a teacher cache needs train_dataset= (the data the cache was written for)")
             self.teacher_cache = TeacherCache(args.teacher_cache)
             self.teacher_cache.check_matches(
                 kwargs["train_dataset"], tokenizer=kwargs.get("processing_class"),
@@ -283,7 +284,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         if not isinstance(batches, StreamBatches):
             return None
         if batches.num_processes != self.args.world_size or batches.process_index != self.args.process_index:
-            raise ValueError(
+            raise InvalidValueError(
                 f"StreamBatches built for process {batches.process_index} of {batches.num_processes}, but this is "
                 f"process {self.args.process_index} of {self.args.world_size}: build it with "
                 "process_index=args.process_index, num_processes=args.world_size"
@@ -327,7 +328,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         if shift_labels is not None:
             return shift_labels
         if labels is None:
-            raise ValueError(f"the batch has no 'labels' or 'shift_labels'; it has {sorted(inputs)}")
+            raise InvalidValueError(f"the batch has no 'labels' or 'shift_labels'; it has {sorted(inputs)}")
         unwrapped = self.accelerator.unwrap_model(model)
         if unwrapped.config.is_encoder_decoder:
             if "decoder_input_ids" not in inputs:
@@ -448,7 +449,7 @@ class DistillationTrainer(Seq2SeqTrainer):
 
         tokenizer = self.processing_class
         if tokenizer is None:
-            raise ValueError("BLEU at evaluation needs the tokenizer: pass processing_class= to the trainer")
+            raise InvalidValueError("BLEU at evaluation needs the tokenizer: pass processing_class= to the trainer")
         gen_kwargs = {
             "num_beams": self.args.generation_num_beams or 1,
             "max_new_tokens": self.args.generation_max_length or 128,
@@ -534,7 +535,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+                raise InvalidValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
         if resume_from_checkpoint and self._stateful:
             self._load_stream_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
@@ -564,7 +565,7 @@ def _check_same_vocabulary(student, teacher) -> None:
     student_size = student.get_output_embeddings().weight.shape[0]
     teacher_size = teacher.get_output_embeddings().weight.shape[0]
     if student_size != teacher_size:
-        raise ValueError(
+        raise InvalidValueError(
             f"teacher vocabulary size ({teacher_size}) differs from the student's ({student_size}): "
             "distil between models built with the same tokenizer"
         )

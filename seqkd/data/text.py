@@ -30,6 +30,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from seqkd.errors import InvalidValueError, MissingInputError
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Canonical split names of the returned :class:`~datasets.DatasetDict`."""
 
@@ -78,7 +80,7 @@ def canonical_split(name: str, aliases: Mapping[str, Sequence[str]] = SPLIT_ALIA
     for canon, names in aliases.items():
         if name in names:
             return canon
-    raise ValueError(
+    raise InvalidValueError(
         f"unknown split {name!r}: expected one of "
         + ", ".join(f"{c} (aliases: {', '.join(a)})" for c, a in aliases.items())
     )
@@ -91,7 +93,7 @@ def load_hub_splits(loader, source, hub_config, splits: Sequence[str], aliases: 
 
     loaded = loader(os.fspath(source), hub_config, **kwargs)
     if not isinstance(loaded, datasets.DatasetDict):
-        raise ValueError(f"load_dataset({source!r}) did not return a DatasetDict (got {type(loaded).__name__})")
+        raise InvalidValueError(f"load_dataset({source!r}) did not return a DatasetDict (got {type(loaded).__name__})")
     by_canon: dict[str, str] = {}
     for name in loaded:
         try:
@@ -100,7 +102,7 @@ def load_hub_splits(loader, source, hub_config, splits: Sequence[str], aliases: 
             continue
     for split in splits:
         if split not in by_canon:
-            raise ValueError(
+            raise InvalidValueError(
                 f"Hub dataset {source!r} has no {split!r} split "
                 f"(looked for {', '.join(aliases[split])}; it has {', '.join(loaded)})"
             )
@@ -114,7 +116,7 @@ def find_one_file(root: Path, names: Sequence[str], patterns: Sequence[str], wha
     if path is None and patterns:
         matches = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
         if len(matches) > 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"ambiguous {what} in {str(root)!r}: {', '.join(m.name for m in matches)} all match; {hint}"
             )
         path = matches[0] if matches else None
@@ -147,7 +149,7 @@ def find_split_files(
     """
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {str(root)!r} does not exist or is not a directory")
+        raise MissingInputError(f"data directory {str(root)!r} does not exist or is not a directory")
     found: dict[str, Path] = {}
     for split in splits:
         canon = canonical_split(split)
@@ -157,7 +159,7 @@ def find_split_files(
             root, names, patterns, f"{canon!r} split", f"pass files={{'{canon}': ...}} explicitly"
         )
         if path is None:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no {canon!r} split file in {str(root)!r}: looked for "
                 f"{', '.join(names + patterns)}"
             )
@@ -184,7 +186,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
 
 def _check_not_empty(lines: Sequence[str], split: str, where: str) -> None:
     if not any(line.strip() for line in lines):
-        raise ValueError(
+        raise InvalidValueError(
             f"split {split!r} is empty: {where} contains no text "
             f"({len(lines)} line(s), all blank)"
         )
@@ -245,7 +247,7 @@ def load_text_splits(
 
     canon_splits = [canonical_split(s) for s in splits]
     if not canon_splits:
-        raise ValueError("splits must name at least one split")
+        raise InvalidValueError("splits must name at least one split")
 
     out = {}
     if files is not None or _looks_local(source):
@@ -255,7 +257,7 @@ def load_text_splits(
         for split, p in explicit.items():
             p = p if p.is_absolute() else root / p
             if split in canon_splits and not p.is_file():
-                raise FileNotFoundError(f"{split!r} split file {str(p)!r} does not exist")
+                raise MissingInputError(f"{split!r} split file {str(p)!r} does not exist")
             paths[split] = p
         missing = [s for s in canon_splits if s not in paths]
         if missing:
@@ -282,13 +284,13 @@ def load_text_splits(
                     if getattr(f, "dtype", None) in ("string", "large_string")
                 ]
                 if len(str_cols) != 1:
-                    raise ValueError(
+                    raise InvalidValueError(
                         f"cannot tell the text column of Hub dataset {source!r}: "
                         f"columns are {ds.column_names}; pass text_column="
                     )
                 col = str_cols[0]
         if col not in ds.column_names:
-            raise ValueError(
+            raise InvalidValueError(
                 f"Hub dataset {source!r} split {split!r} has no column {col!r} "
                 f"(columns: {ds.column_names})"
             )
@@ -345,7 +347,7 @@ def _as_texts(texts, text_column: str = "text") -> Iterable[str]:
         if isinstance(column_names, dict):  # DatasetDict
             raise TypeError("pass one split (e.g. splits['train']), not a whole DatasetDict")
         if text_column not in column_names:
-            raise ValueError(f"dataset has no {text_column!r} column (columns: {column_names})")
+            raise InvalidValueError(f"dataset has no {text_column!r} column (columns: {column_names})")
         return list(texts[text_column])
     return texts
 
@@ -412,11 +414,11 @@ def train_word_tokenizer(
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     if unk_token == eos_token:
-        raise ValueError("unk_token and eos_token must differ")
+        raise InvalidValueError("unk_token and eos_token must differ")
     if min_frequency < 1:
-        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+        raise InvalidValueError(f"min_frequency must be >= 1, got {min_frequency}")
     if max_vocab_size is not None and max_vocab_size < 2:
-        raise ValueError(f"max_vocab_size must leave room for {unk_token} and {eos_token}")
+        raise InvalidValueError(f"max_vocab_size must leave room for {unk_token} and {eos_token}")
     # Count with the same pre-tokenizer as at encoding time. (We build the vocabulary
     # here rather than with tokenizers' WordLevelTrainer: the trainer leaves a hole
     # in the ids when a special token, like PTB's <unk>, also occurs in the corpus.)
@@ -427,7 +429,7 @@ def train_word_tokenizer(
         n_lines += 1
         counts.update(w for w, _ in pre.pre_tokenize_str(line))
     if not counts:
-        raise ValueError(f"cannot build a vocabulary: the corpus ({n_lines} line(s)) contains no words")
+        raise InvalidValueError(f"cannot build a vocabulary: the corpus ({n_lines} line(s)) contains no words")
     vocab = {unk_token: 0, eos_token: 1}
     for word, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         if c < min_frequency or (max_vocab_size is not None and len(vocab) >= max_vocab_size):
@@ -471,7 +473,7 @@ def train_bpe_tokenizer(
     specials = [eos_token, *[t for t in special_tokens if t != eos_token]]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
-        raise ValueError(
+        raise InvalidValueError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
             f"{len(alphabet)} byte symbols + {len(specials)} special token(s)"
         )
@@ -488,7 +490,7 @@ def train_bpe_tokenizer(
     lines = _as_texts(texts, text_column)
     tok.train_from_iterator(lines, trainer=trainer)
     if tok.get_vocab_size() <= len(specials):
-        raise ValueError("cannot build a vocabulary: the corpus contains no text")
+        raise InvalidValueError("cannot build a vocabulary: the corpus contains no text")
     byte_level = processors.ByteLevel(trim_offsets=False)
     if add_eos:
         tok.post_processor = processors.Sequence(
@@ -584,18 +586,18 @@ class StreamBatches(torch.utils.data.Dataset):
     ):
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         if ids.dim() != 1:
-            raise ValueError(f"token_ids must be 1-D, got shape {tuple(ids.shape)}")
+            raise InvalidValueError(f"token_ids must be 1-D, got shape {tuple(ids.shape)}")
         if batch_size < 1 or seq_len < 1 or num_processes < 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"batch_size, seq_len and num_processes must be >= 1 "
                 f"(got {batch_size}, {seq_len}, {num_processes})"
             )
         if not 0 <= process_index < num_processes:
-            raise ValueError(f"process_index {process_index} not in [0, {num_processes})")
+            raise InvalidValueError(f"process_index {process_index} not in [0, {num_processes})")
         n_streams = batch_size * num_processes
         stream_len = ids.numel() // n_streams
         if stream_len < 2:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{ids.numel()} tokens are too few for {n_streams} streams "
                 f"(batch_size={batch_size} x num_processes={num_processes}): each stream "
                 "needs at least 2 tokens"
@@ -673,7 +675,7 @@ def stream_dataloader(batches: StreamBatches, **kwargs) -> torch.utils.data.Data
     no shuffling). Extra kwargs (``pin_memory``, ``num_workers``...) are forwarded."""
     for key in ("batch_size", "shuffle", "sampler", "batch_sampler"):
         if key in kwargs:
-            raise ValueError(f"{key} cannot be set: stream batches must come whole and in order")
+            raise InvalidValueError(f"{key} cannot be set: stream batches must come whole and in order")
     return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, **kwargs)
 
 
@@ -712,11 +714,11 @@ def group_texts(
     import pyarrow as pa
 
     if block_size < 2:
-        raise ValueError(f"block_size must be >= 2, got {block_size}")
+        raise InvalidValueError(f"block_size must be >= 2, got {block_size}")
     ids = encode_stream(tokenizer, texts, text_column=text_column).numpy()
     n_full = len(ids) // block_size
     if n_full == 0 and (drop_remainder or len(ids) == 0):
-        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than block_size={block_size}")
+        raise InvalidValueError(f"the corpus has {len(ids)} tokens, fewer than block_size={block_size}")
     if drop_remainder or len(ids) % block_size == 0:
         arr = pa.FixedSizeListArray.from_arrays(pa.array(ids[: n_full * block_size]), block_size)
     else:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from seqkd.data.text import _check_not_empty, _looks_local, canonical_split, find_one_file, load_hub_splits
+from seqkd.errors import InvalidValueError, MissingInputError
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Canonical split names of the returned :class:`~datasets.DatasetDict`."""
@@ -84,9 +85,9 @@ def _canonical_split(name: str) -> str:
 def _check_langs(source_lang: str, target_lang: str) -> None:
     for what, lang in (("source_lang", source_lang), ("target_lang", target_lang)):
         if not isinstance(lang, str) or not lang or any(c in lang for c in "/\\ "):
-            raise ValueError(f"{what} must be a language code such as 'de', got {lang!r}")
+            raise InvalidValueError(f"{what} must be a language code such as 'de', got {lang!r}")
     if source_lang == target_lang:
-        raise ValueError(f"source_lang and target_lang are both {source_lang!r}")
+        raise InvalidValueError(f"source_lang and target_lang are both {source_lang!r}")
 
 
 def _find_one(root: Path, split: str, lang: str, variant: str | None) -> tuple[Path | None, list[str]]:
@@ -130,7 +131,7 @@ def find_parallel_files(
     _check_langs(source_lang, target_lang)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {str(root)!r} does not exist or is not a directory")
+        raise MissingInputError(f"data directory {str(root)!r} does not exist or is not a directory")
     found: dict[str, tuple[Path, Path]] = {}
     for split in splits:
         canon = _canonical_split(split)
@@ -138,7 +139,7 @@ def find_parallel_files(
         for side, lang in (("source", source_lang), ("target", target_lang)):
             path, tried = _find_one(root, canon, lang, variant)
             if path is None:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"no {canon!r} {side} file (language {lang!r}) in {str(root)!r}: looked for "
                     f"{', '.join(tried)}"
                 )
@@ -167,7 +168,7 @@ def read_lines(path: str | os.PathLike, *, strip: bool = True) -> list[str]:
 
 def _check_pair(src: Sequence[str], tgt: Sequence[str], split: str, src_where: str, tgt_where: str) -> None:
     if len(src) != len(tgt):
-        raise ValueError(
+        raise InvalidValueError(
             f"split {split!r}: source and target line counts differ: {src_where} has {len(src)} line(s), "
             f"{tgt_where} has {len(tgt)} line(s)"
         )
@@ -185,7 +186,7 @@ def _explicit_files(root: Path, spec, split: str, source_lang: str, target_lang:
             cands = [c if c.is_absolute() else root / c for c in cands]
             p = next((c for c in cands if c.is_file()), None)
             if p is None:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"{split!r} split: no file for language {lang!r} with prefix {prefix!r}: looked for "
                     f"{', '.join(str(c) for c in cands)}"
                 )
@@ -201,7 +202,7 @@ def _explicit_files(root: Path, spec, split: str, source_lang: str, target_lang:
     for p in (Path(src), Path(tgt)):
         p = p if p.is_absolute() else root / p
         if not p.is_file():
-            raise FileNotFoundError(f"{split!r} split file {str(p)!r} does not exist")
+            raise MissingInputError(f"{split!r} split file {str(p)!r} does not exist")
         out.append(p)
     return out[0], out[1]
 
@@ -251,7 +252,7 @@ def load_translation_splits(
     _check_langs(source_lang, target_lang)
     canon_splits = list(dict.fromkeys(_canonical_split(s) for s in splits))
     if not canon_splits:
-        raise ValueError("splits must name at least one split")
+        raise InvalidValueError("splits must name at least one split")
 
     out = {}
     if files is not None or _looks_local(source):
@@ -294,7 +295,7 @@ def _hub_pairs(ds, source_lang: str, target_lang: str, where: str):
         langs = list(getattr(feat, "languages", None) or (feat.keys() if isinstance(feat, dict) else []))
         absent = [lang for lang in (source_lang, target_lang) if lang not in langs]
         if absent:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{where}: its 'translation' column has languages {langs}, not {', '.join(map(repr, absent))}"
             )
         return ds.map(
@@ -308,7 +309,7 @@ def _hub_pairs(ds, source_lang: str, target_lang: str, where: str):
     if source_lang in ds.column_names and target_lang in ds.column_names:
         ds = ds.select_columns([source_lang, target_lang])
         return ds.rename_columns({source_lang: "source", target_lang: "target"})
-    raise ValueError(
+    raise InvalidValueError(
         f"{where} has neither a 'translation' column nor columns {source_lang!r} and {target_lang!r} "
         f"(columns: {ds.column_names})"
     )
@@ -341,7 +342,7 @@ def load_multi30k(
     """
     if data_dir is None:
         if tokenized:
-            raise ValueError("the Hub copy of Multi30k is raw text only: pass data_dir= for tokenized=True")
+            raise InvalidValueError("the Hub copy of Multi30k is raw text only: pass data_dir= for tokenized=True")
         return load_translation_splits(hub_name, source_lang, target_lang, splits=splits, **load_dataset_kwargs)
     root = Path(data_dir).expanduser()
     if (root / "multi30k").is_dir():
@@ -366,7 +367,7 @@ def _pair_texts(texts, columns: Sequence[str]) -> Iterable[str]:
             raise TypeError("pass one split (e.g. splits['train']), not a whole DatasetDict")
         absent = [c for c in columns if c not in column_names]
         if absent:
-            raise ValueError(f"dataset has no column(s) {absent} (columns: {column_names})")
+            raise InvalidValueError(f"dataset has no column(s) {absent} (columns: {column_names})")
         return [line for c in columns for line in texts[c]]
     return texts
 
@@ -421,11 +422,11 @@ def train_translation_tokenizer(
 
     specials = [pad_token, bos_token, eos_token, unk_token]
     if len(set(specials)) != 4:
-        raise ValueError(f"pad, bos, eos and unk tokens must differ, got {specials}")
+        raise InvalidValueError(f"pad, bos, eos and unk tokens must differ, got {specials}")
     if model not in ("bpe", "unigram"):
-        raise ValueError(f"model must be 'bpe' or 'unigram', got {model!r}")
+        raise InvalidValueError(f"model must be 'bpe' or 'unigram', got {model!r}")
     if vocab_size <= len(specials):
-        raise ValueError(f"vocab_size={vocab_size} leaves no room beyond the {len(specials)} special tokens")
+        raise InvalidValueError(f"vocab_size={vocab_size} leaves no room beyond the {len(specials)} special tokens")
 
     if model == "bpe":
         tok = Tokenizer(models.BPE(unk_token=unk_token, fuse_unk=True))
@@ -459,7 +460,7 @@ def train_translation_tokenizer(
     lines = _pair_texts(texts, columns)
     tok.train_from_iterator(lines, trainer=trainer)
     if tok.get_vocab_size() <= len(specials):
-        raise ValueError("cannot build a vocabulary: the corpus contains no text")
+        raise InvalidValueError("cannot build a vocabulary: the corpus contains no text")
     ids = [tok.token_to_id(t) for t in specials]
     if ids != list(range(len(specials))):
         raise RuntimeError(f"special tokens {specials} got ids {ids}, expected 0..{len(specials) - 1}")
@@ -525,9 +526,9 @@ def filter_by_length(
     import datasets
 
     if min_tokens < 0 or (max_tokens is not None and max_tokens < min_tokens):
-        raise ValueError(f"need 0 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+        raise InvalidValueError(f"need 0 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
     if max_ratio is not None and max_ratio < 1:
-        raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
+        raise InvalidValueError(f"max_ratio must be >= 1, got {max_ratio}")
 
     def keep(src: list[str], tgt: list[str]) -> list[bool]:
         out = []
@@ -567,7 +568,7 @@ def make_tokenize_function(
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos token: labels must end with one")
+        raise InvalidValueError("the tokenizer has no eos token: labels must end with one")
 
     def _with_eos(rows: list[list[int]], max_len: int | None) -> list[list[int]]:
         out = []
@@ -660,7 +661,7 @@ def translation_collator(
     from transformers import DataCollatorForSeq2Seq
 
     if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token first")
+        raise InvalidValueError("the tokenizer has no pad token: set tokenizer.pad_token first")
     return DataCollatorForSeq2Seq(
         tokenizer,
         model=model,

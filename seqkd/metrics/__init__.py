@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from seqkd.errors import InvalidValueError, MissingInputError
+
 __all__ = ["METRICS", "metric_path", "load"]
 
 _ROOT = Path(__file__).resolve().parent
@@ -27,11 +29,11 @@ METRICS: tuple[str, ...] = ("bleu", "perplexity")
 def metric_path(name: str) -> Path:
     """Directory of the local ``evaluate`` module ``name`` (it holds ``<name>.py``)."""
     if name not in METRICS:
-        raise ValueError(f"unknown seqkd metric {name!r}: available metrics are {', '.join(METRICS)}")
+        raise InvalidValueError(f"unknown seqkd metric {name!r}: available metrics are {', '.join(METRICS)}")
     path = _ROOT / name
     script = path / f"{name}.py"
     if not script.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"metric script {str(script)!r} is missing: the seqkd installation lacks its package data"
         )
     return path

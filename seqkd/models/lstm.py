@@ -39,6 +39,8 @@ from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from seqkd.errors import InvalidValueError
+
 __all__ = [
     "LSTMLMConfig",
     "LSTMPreTrainedModel",
@@ -107,31 +109,31 @@ class LSTMLMConfig(PreTrainedConfig):
         for name in ("vocab_size", "embedding_size", "hidden_size", "num_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}: pass a positive integer.")
+                raise InvalidValueError(f"{name} must be > 0, got {value!r}: pass a positive integer.")
         if self.projection_size is not None and (
             isinstance(self.projection_size, bool) or not isinstance(self.projection_size, int) or self.projection_size <= 0
         ):
-            raise ValueError(
+            raise InvalidValueError(
                 f"projection_size must be > 0 or None, got {self.projection_size!r}: pass None for no projection "
                 f"or a positive integer (with tied embeddings: projection_size=embedding_size={self.embedding_size})."
             )
         for name in ("embedding_dropout", "layer_dropout", "output_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}: use e.g. {name}=0.5, or 0.0 to disable it.")
+                raise InvalidValueError(f"{name} must be in [0, 1), got {value!r}: use e.g. {name}=0.5, or 0.0 to disable it.")
         if isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or self.init_range <= 0:
-            raise ValueError(f"init_range must be > 0, got {self.init_range!r}: e.g. init_range=0.1 (Zaremba et al.).")
+            raise InvalidValueError(f"init_range must be > 0, got {self.init_range!r}: e.g. init_range=0.1 (Zaremba et al.).")
         if self.tie_word_embeddings:
             decoder_input = self.decoder_input_size
             if decoder_input != self.embedding_size:
                 if self.projection_size is None:
-                    raise ValueError(
+                    raise InvalidValueError(
                         "tie_word_embeddings=True needs the decoder input size to equal embedding_size, but "
                         f"hidden_size={self.hidden_size} != embedding_size={self.embedding_size}. Either set "
                         f"embedding_size == hidden_size, enable the output projection with "
                         f"projection_size={self.embedding_size}, or set tie_word_embeddings=False."
                     )
-                raise ValueError(
+                raise InvalidValueError(
                     "tie_word_embeddings=True needs projection_size == embedding_size, got "
                     f"projection_size={self.projection_size} and embedding_size={self.embedding_size}. Set "
                     f"projection_size={self.embedding_size} or tie_word_embeddings=False."
@@ -337,7 +339,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+            raise InvalidValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         hidden = self.embedding_dropout(inputs_embeds)

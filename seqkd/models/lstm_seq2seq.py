@@ -56,6 +56,8 @@ from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from seqkd.errors import InvalidValueError
+
 __all__ = [
     "LSTMSeq2SeqConfig",
     "LSTMSeq2SeqPreTrainedModel",
@@ -147,24 +149,24 @@ class LSTMSeq2SeqConfig(PreTrainedConfig):
         for name in ("vocab_size", "embedding_size", "hidden_size", "encoder_layers", "decoder_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}: pass a positive integer.")
+                raise InvalidValueError(f"{name} must be > 0, got {value!r}: pass a positive integer.")
         if self.bidirectional and self.hidden_size % 2:
-            raise ValueError(
+            raise InvalidValueError(
                 f"hidden_size must be even with bidirectional=True (each encoder direction gets hidden_size // 2 "
                 f"units), got hidden_size={self.hidden_size}: use hidden_size={self.hidden_size + 1} or "
                 "bidirectional=False."
             )
         if self.attention not in ATTENTION_TYPES:
-            raise ValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}.")
+            raise InvalidValueError(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}.")
         if self.attention_score not in ATTENTION_SCORES:
-            raise ValueError(
+            raise InvalidValueError(
                 f"attention_score must be one of {ATTENTION_SCORES} (Luong's score; unused by 'bahdanau'), "
                 f"got {self.attention_score!r}."
             )
         if self.decoder_init not in DECODER_INITS:
-            raise ValueError(f"decoder_init must be one of {DECODER_INITS}, got {self.decoder_init!r}.")
+            raise InvalidValueError(f"decoder_init must be one of {DECODER_INITS}, got {self.decoder_init!r}.")
         if self.decoder_init == "copy" and self.encoder_layers != self.decoder_layers:
-            raise ValueError(
+            raise InvalidValueError(
                 f"decoder_init='copy' needs encoder_layers == decoder_layers, got encoder_layers={self.encoder_layers} "
                 f"and decoder_layers={self.decoder_layers}: use decoder_init='bridge' (any layer counts) or equal "
                 "layer counts."
@@ -172,17 +174,17 @@ class LSTMSeq2SeqConfig(PreTrainedConfig):
         for name in ("embedding_dropout", "layer_dropout", "output_dropout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}: use e.g. {name}=0.2, or 0.0 to disable it.")
+                raise InvalidValueError(f"{name} must be in [0, 1), got {value!r}: use e.g. {name}=0.2, or 0.0 to disable it.")
         if isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or self.init_range <= 0:
-            raise ValueError(f"init_range must be > 0, got {self.init_range!r}: e.g. init_range=0.1.")
+            raise InvalidValueError(f"init_range must be > 0, got {self.init_range!r}: e.g. init_range=0.1.")
         if self.tie_word_embeddings and self.embedding_size != self.hidden_size:
-            raise ValueError(
+            raise InvalidValueError(
                 "tie_word_embeddings=True needs embedding_size == hidden_size (the softmax layer reads the "
                 f"hidden_size attentional vector), got embedding_size={self.embedding_size} and "
                 f"hidden_size={self.hidden_size}: set embedding_size={self.hidden_size} or tie_word_embeddings=False."
             )
         if not self.is_encoder_decoder:
-            raise ValueError(
+            raise InvalidValueError(
                 "is_encoder_decoder must be True for LSTMSeq2SeqConfig (got False): leave it at its default."
             )
         for name in ("pad_token_id", "bos_token_id", "decoder_start_token_id", "eos_token_id"):
@@ -190,7 +192,7 @@ class LSTMSeq2SeqConfig(PreTrainedConfig):
             values = value if isinstance(value, list) else [value]
             for v in values:
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.vocab_size):
-                    raise ValueError(
+                    raise InvalidValueError(
                         f"{name} must be a token id in [0, vocab_size={self.vocab_size}) or None, got {value!r}."
                     )
 
@@ -343,7 +345,7 @@ class LSTMSeq2SeqEncoder(nn.Module):
     ) -> LSTMSeq2SeqEncoderOutput | tuple:
         """Encode ``input_ids`` ``[batch, src_len]``; ``attention_mask`` 0 = padding (skipped by the LSTM)."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
+            raise InvalidValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if inputs_embeds.is_cuda:
@@ -414,7 +416,7 @@ class LSTMSeq2SeqDecoder(nn.Module):
         else:
             enc_h, enc_c = encoder_outputs.final_hidden_state, encoder_outputs.final_cell_state
             if enc_h is None or enc_c is None:
-                raise ValueError(
+                raise InvalidValueError(
                     f"decoder_init={config.decoder_init!r} needs the encoder's final state: pass encoder_outputs as "
                     "the LSTMSeq2SeqEncoderOutput of model.get_encoder() (or a tuple (last_hidden_state, "
                     "final_hidden_state, final_cell_state)), not only the last hidden state."
@@ -615,13 +617,13 @@ class LSTMForConditionalGeneration(LSTMSeq2SeqPreTrainedModel, GenerationMixin):
         """``labels`` shifted one position right behind ``decoder_start_token_id`` (``-100`` -> ``pad_token_id``)."""
         start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
         if start is None:
-            raise ValueError("decoder_start_token_id (or bos_token_id) must be set in the config to shift labels.")
+            raise InvalidValueError("decoder_start_token_id (or bos_token_id) must be set in the config to shift labels.")
         shifted = labels.new_empty(labels.shape)
         shifted[:, 1:] = labels[:, :-1]
         shifted[:, 0] = start
         if bool((shifted == -100).any()):
             if pad is None:
-                raise ValueError("labels contain -100 but pad_token_id is None: set pad_token_id in the config.")
+                raise InvalidValueError("labels contain -100 but pad_token_id is None: set pad_token_id in the config.")
             shifted = shifted.masked_fill(shifted == -100, pad)
         return shifted
 
@@ -682,7 +684,7 @@ class LSTMForConditionalGeneration(LSTMSeq2SeqPreTrainedModel, GenerationMixin):
 
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
-                raise ValueError("Pass decoder_input_ids (or decoder_inputs_embeds), or labels to build them from.")
+                raise InvalidValueError("Pass decoder_input_ids (or decoder_inputs_embeds), or labels to build them from.")
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels=labels)
         if decoder_inputs_embeds is None:
             decoder_inputs_embeds = self.decoder.embeddings(decoder_input_ids)
@@ -703,7 +705,7 @@ class LSTMForConditionalGeneration(LSTMSeq2SeqPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             if logits.shape[1] != labels.shape[1]:
-                raise ValueError(
+                raise InvalidValueError(
                     f"labels have {labels.shape[1]} positions but the logits {logits.shape[1]}: do not combine labels "
                     "with logits_to_keep."
                 )

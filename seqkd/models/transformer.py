@@ -37,6 +37,8 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from seqkd.errors import InvalidValueError
+
 __all__ = [
     "CAUSAL_LM_PRESETS",
     "SEQ2SEQ_PRESETS",
@@ -114,7 +116,7 @@ def _resolve_preset(preset_or_config: str | Mapping | PreTrainedConfig, presets:
     if isinstance(preset_or_config, str):
         if preset_or_config not in presets:
             known = ", ".join(sorted(presets))
-            raise ValueError(
+            raise InvalidValueError(
                 f"Unknown {kind} preset {preset_or_config!r}. Known presets: {known}; "
                 "or pass a config dict / config object."
             )
@@ -144,9 +146,9 @@ def _resolve_vocab_and_ids(cfg: dict, vocab_size: int | None, tokenizer, overrid
     tok_vocab = _tokenizer_vocab_size(tokenizer) if tokenizer is not None else None
     if vocab_size is not None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}.")
+            raise InvalidValueError(f"vocab_size must be a positive integer, got {vocab_size!r}.")
         if tok_vocab is not None and vocab_size < tok_vocab:
-            raise ValueError(
+            raise InvalidValueError(
                 f"vocab_size={vocab_size} is smaller than the tokenizer's vocabulary ({tok_vocab} tokens): "
                 "token ids would be out of range. Leave vocab_size=None to use the tokenizer's size."
             )
@@ -156,7 +158,7 @@ def _resolve_vocab_and_ids(cfg: dict, vocab_size: int | None, tokenizer, overrid
     if "vocab_size" in overrides:
         cfg["vocab_size"] = overrides.pop("vocab_size")
     if cfg.get("vocab_size") is None:
-        raise ValueError(
+        raise InvalidValueError(
             f"Missing vocabulary size for the {kind}: pass vocab_size=..., tokenizer=..., or a config with 'vocab_size'."
         )
     if tokenizer is not None:
@@ -175,12 +177,12 @@ def _check_ids(cfg: dict, kind: str) -> None:
         value = cfg.get(name)
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is not None and not 0 <= v < vocab:
-                raise ValueError(f"{kind}: {name}={v} is outside the vocabulary [0, {vocab}).")
+                raise InvalidValueError(f"{kind}: {name}={v} is outside the vocabulary [0, {vocab}).")
 
 
 def _check_heads(d_model: int, heads: int, what: str) -> None:
     if heads <= 0 or d_model % heads != 0:
-        raise ValueError(f"{what}: the model size ({d_model}) must be a multiple of the number of heads ({heads}).")
+        raise InvalidValueError(f"{what}: the model size ({d_model}) must be a multiple of the number of heads ({heads}).")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def causal_lm_config(
     cfg = _resolve_preset(preset_or_config, CAUSAL_LM_PRESETS, "causal LM")
     cfg.pop("_config_class", None)
     if cfg.pop("family", "gpt2") != "gpt2":
-        raise ValueError("build_causal_lm only builds GPT-2 models ('family': 'gpt2').")
+        raise InvalidValueError("build_causal_lm only builds GPT-2 models ('family': 'gpt2').")
     overrides = dict(overrides)
     # GPT2Config defaults bos/eos to 50256 (the OpenAI vocabulary): never inherit them for a small vocab.
     for name in _SPECIAL_IDS:
@@ -254,7 +256,7 @@ def seq2seq_config(
     if family is None:
         family = next((f for f, (c, _) in SEQ2SEQ_FAMILIES.items() if c is config_class), "marian")
     if family not in SEQ2SEQ_FAMILIES:
-        raise ValueError(f"Unknown seq2seq family {family!r}; known families: {', '.join(sorted(SEQ2SEQ_FAMILIES))}.")
+        raise InvalidValueError(f"Unknown seq2seq family {family!r}; known families: {', '.join(sorted(SEQ2SEQ_FAMILIES))}.")
     config_class = SEQ2SEQ_FAMILIES[family][0]
 
     for source in (cfg, overrides):  # expand layers / heads / ffn_dim to encoder_* and decoder_*
@@ -274,13 +276,13 @@ def seq2seq_config(
     if cfg.get("decoder_start_token_id") is None:
         start = cfg["bos_token_id"] if cfg["bos_token_id"] is not None else cfg["pad_token_id"]
         if start is None:
-            raise ValueError(
+            raise InvalidValueError(
                 "The seq2seq model needs a decoder start token: give the tokenizer a bos or pad token, "
                 "or pass decoder_start_token_id=..."
             )
         cfg["decoder_start_token_id"] = start
     if cfg["eos_token_id"] is None:
-        raise ValueError("The seq2seq model needs an eos token: give the tokenizer one or pass eos_token_id=...")
+        raise InvalidValueError("The seq2seq model needs an eos token: give the tokenizer one or pass eos_token_id=...")
     cfg.setdefault("forced_eos_token_id", cfg["eos_token_id"])
     if family == "bart":
         cfg.setdefault("forced_bos_token_id", None)
