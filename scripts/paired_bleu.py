@@ -22,7 +22,8 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest
 from transformers import AutoTokenizer
 
-from seqkd.cli import _load_saved_model, load_parallel_corpus, parse_command_line
+from seqkd.cli import parse_command_line
+from seqkd.pipeline import load_parallel_corpus, load_saved_model
 from seqkd.evaluation import translate
 
 
@@ -52,7 +53,7 @@ def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: 
     def hyps(run: str) -> list[str]:
         if run not in hypotheses:
             model_dir = os.path.join(output, run, "model")
-            model = _load_saved_model(model_dir).to(args.device)
+            model = load_saved_model(model_dir).to(args.device)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             hypotheses[run] = translate(
                 model, tokenizer, sources, num_beams=args.generation_num_beams or 1,

@@ -19,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, set_seed
+from transformers import PreTrainedModel, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import ModelOutput
 
 from seqkd.evaluation import corpus_perplexity, is_stateful
 from seqkd.data.text import evaluation_dataloader
+from seqkd.pipeline import load_saved_model
 from seqkd.trainer import DistillationArguments, DistillationTrainer, save_model_atomically
 from seqkd.errors import InvalidValueError
 
@@ -32,6 +33,16 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
+RUN_CONFIG_FILE = "born_again_config.json"
+# Fields that change where or how a run reports, not what it trains: a resumed chain may change them.
+_REPORTING_FIELDS = frozenset({
+    "output_dir", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
+    "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id", "save_total_limit", "overwrite_output_dir",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+    "hub_revision", "log_level", "log_level_replica", "log_on_each_node", "local_rank", "debug",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "resume_from_checkpoint", "skip_memory_metrics",
+})  # fmt: skip
 
 
 @dataclass
@@ -97,6 +108,40 @@ class GenerationEnsemble(torch.nn.Module):
         return EnsembleOutput(logits=logits, state=tuple(new_states))
 
 
+def _run_config(args, born_again_args, cache_args, recipe: dict | None) -> dict:
+    """What a chain trains, as JSON-comparable values (reporting fields left out)."""
+    config = {}
+    for name, values in (("recipe", recipe), ("born_again", born_again_args), ("cache", cache_args), ("training", args)):
+        if values is None:
+            continue
+        if dataclasses.is_dataclass(values):
+            values = {f.name: getattr(values, f.name) for f in dataclasses.fields(values) if f.init}
+        for key, value in values.items():
+            if key in _REPORTING_FIELDS or key.startswith("_"):
+                continue
+            config[key if key not in config else f"{name}.{key}"] = json.loads(json.dumps(value, default=str))
+    return config
+
+
+def _check_run_config(output_dir: str, config: dict, should_save: bool) -> None:
+    """Refuse to resume a chain under another configuration: its generations would mix two recipes."""
+    path = os.path.join(output_dir, RUN_CONFIG_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(key for key in set(saved) | set(config) if saved.get(key, "<unset>") != config.get(key, "<unset>"))
+        if changed:
+            details = ", ".join(f"{key}: {saved.get(key, '<unset>')!r} -> {config.get(key, '<unset>')!r}" for key in changed[:8])
+            more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            raise InvalidValueError(
+                f"{output_dir} holds a Born-Again chain started with another configuration ({details}{more}): "
+                "resume it with the recipe it started with, or start afresh in a new output_dir"
+            )
+        return
+    if should_save:
+        _write_json_atomically(path, config)
+
+
 def _write_json_atomically(path: str, data: dict) -> None:
     with open(path + ".partial", "w") as f:
         json.dump(data, f, indent=2)
@@ -113,6 +158,7 @@ def run_born_again(
     processing_class=None,
     data_collator=None,
     cache_args=None,
+    recipe: dict | None = None,
 ) -> list[dict]:
     """Train generation 0 from labels and generations 1..N each from the one before; evaluate all and the ensemble.
 
@@ -124,6 +170,9 @@ def run_born_again(
             evaluation set (learning-rate plateau, logging), all are reported.
         cache_args: :class:`seqkd.teacher_cache.TeacherCacheArguments` (k, dtype, shard size) for
             ``born_again_args.cache_teacher``; default its defaults.
+        recipe: the rest of the run's configuration (model and data fields). With ``args`` and
+            ``born_again_args`` it is written to ``output_dir/born_again_config.json`` when the chain starts; a
+            restarted chain whose configuration differs (other than in logging and reporting fields) is refused.
     Returns:
         One metrics dict per generation, then the ensemble's (when enabled).
     """
@@ -138,6 +187,7 @@ def run_born_again(
         )
     output_dir = args.output_dir
     os.makedirs(output_dir, exist_ok=True)
+    _check_run_config(output_dir, _run_config(args, born_again_args, cache_args, recipe), args.should_save)
     first_split = next(iter(eval_datasets))
     results: list[dict] = []
     teacher = None
@@ -151,7 +201,7 @@ def run_born_again(
                 metrics = json.load(f)
             logger.warning("generation %d/%d already finished, skipping (%s)", generation, total - 1, gen_dir)
             results.append(metrics)
-            teacher = AutoModelForCausalLM.from_pretrained(model_dir)
+            teacher = load_saved_model(model_dir)
             continue
         print(f"\n=== Born-Again generation {generation}/{total - 1}: "
               f"{'labels only' if generation == 0 else f'taught by generation {generation - 1}'} ===", flush=True)
@@ -204,7 +254,7 @@ def run_born_again(
         del trainer
 
     if born_again_args.ensemble:
-        members = [AutoModelForCausalLM.from_pretrained(os.path.join(output_dir, f"gen-{k}", MODEL_DIR)) for k in range(total)]
+        members = [load_saved_model(os.path.join(output_dir, f"gen-{k}", MODEL_DIR)) for k in range(total)]
         ensemble = GenerationEnsemble(members).to(args.device)
         metrics = {"generation": "ensemble", "loss": f"mean of gen-0..gen-{total - 1}", "teacher": None,
                    "parameters": sum(p.numel() for p in ensemble.parameters())}

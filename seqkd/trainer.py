@@ -106,6 +106,13 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             "choices": ["uniform", "student"],
         },
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Load saved models (teacher, student to start from, model to evaluate) that hold pickled weights "
+            "only (pytorch_model.bin). Off by default: unpickling a file can run code; safetensors cannot."
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={"help": "Teacher weights' dtype: auto, float32, bfloat16 or float16.", "choices": list(TEACHER_DTYPES)},
@@ -159,19 +166,27 @@ class DistillationArguments(Seq2SeqTrainingArguments):
         return self.loss not in ("ce", "ls") and self.kd_weight > 0
 
 
-def load_teacher(path: str, *, is_encoder_decoder: bool, dtype: str = "auto") -> PreTrainedModel:
-    """Load a teacher from a saved directory or, when no such directory exists, from the Hub."""
+def load_teacher(
+    path: str, *, is_encoder_decoder: bool, dtype: str = "auto", allow_pickle: bool = False
+) -> PreTrainedModel:
+    """Load a teacher from a saved directory or, when no such directory exists, from the Hub (safetensors weights
+    only, unless ``allow_pickle``)."""
+    from seqkd.models import realign_weights
+    from seqkd.pipeline import check_model_folder
+
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder else AutoModelForCausalLM
     kwargs = {} if TEACHER_DTYPES[dtype] is None else {"dtype": TEACHER_DTYPES[dtype]}
+    kwargs["use_safetensors"] = None if allow_pickle else True
     local = os.path.expanduser(path)
     if os.path.isdir(local):
-        return auto.from_pretrained(local, **kwargs)
+        check_model_folder(local, allow_pickle=allow_pickle, what="teacher")
+        return realign_weights(auto.from_pretrained(local, **kwargs))
     if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", path):
         raise MissingInputError(
             f"teacher {path!r} does not exist: train the teacher first, or point at the folder it was saved to"
         )
     try:
-        return auto.from_pretrained(path, **kwargs)
+        return realign_weights(auto.from_pretrained(path, **kwargs))
     except OSError as error:
         raise MissingInputError(
             f"teacher {path!r} is neither a local folder nor a model the Hub could serve: {error}"
@@ -231,7 +246,8 @@ class DistillationTrainer(Seq2SeqTrainer):
             teacher_model = args.teacher_model_name_or_path  # only to check that the cache is this teacher's
         if isinstance(teacher_model, (str, os.PathLike)):
             teacher_model = load_teacher(
-                str(teacher_model), is_encoder_decoder=model.config.is_encoder_decoder, dtype=args.teacher_dtype
+                str(teacher_model), is_encoder_decoder=model.config.is_encoder_decoder, dtype=args.teacher_dtype,
+                allow_pickle=args.allow_pickle_weights,
             )
         self.teacher_cache = None
         if use_cache:

@@ -40,6 +40,20 @@ def data_root() -> Path:
     return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_test():
+    """Every test starts from the same random state, so that it sees the same random inputs whether it runs
+    alone, in another order or after other tests (some tests draw inputs without seeding)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return data_root()

@@ -42,7 +42,9 @@ def recipe(tmp_path_factory):
 
 
 def run(*argv):
-    return main([str(a) for a in argv])
+    """``seqkd ARGV --debug``: a user error raises, as a bug does, so that tests can match its type."""
+    argv = [str(a) for a in argv]
+    return main(argv if not argv or argv[0].startswith("-") else [*argv, "--debug"])
 
 
 def test_help_lists_commands_and_every_field(capsys):
@@ -79,7 +81,7 @@ def test_bad_recipes_are_refused(tmp_path):
         parse_command_line("train", [str(unknown)])
     unsafe = tmp_path / "unsafe.yaml"
     unsafe.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ValueError, match="could not determine a constructor"):  # safe loading: nothing runs
         parse_command_line("train", [str(unsafe)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         parse_command_line("train", [str(tmp_path / "missing.yaml")])
