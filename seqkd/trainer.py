@@ -204,16 +204,21 @@ def _detach_state(state):
 
 
 class _ResetStreamStateAtEpoch(TrainerCallback):
-    """Recurrent states start from zero at every epoch, except the epoch a checkpoint resumes in."""
+    """Recurrent states start from zero at every epoch, except when a checkpoint resumes in the middle of one."""
 
     def __init__(self, trainer: "DistillationTrainer"):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        if self.trainer._keep_loaded_state:
-            self.trainer._keep_loaded_state = False
-        else:
-            self.trainer._student_state = self.trainer._teacher_state = None
+        trainer = self.trainer
+        # A checkpoint written at the end of an epoch holds the state that epoch ended with, which the
+        # uninterrupted run drops here; only a resume inside an epoch continues its streams. transformers sets
+        # state.epoch to epoch + (step + 1) / steps_in_epoch, a whole number exactly when the epoch was complete;
+        # with ignore_data_skip it replays the epoch's data from the start, so the streams restart too.
+        resumes_mid_epoch = not float(state.epoch or 0).is_integer() and not args.ignore_data_skip
+        if not (trainer._keep_loaded_state and resumes_mid_epoch):
+            trainer._student_state = trainer._teacher_state = None
+        trainer._keep_loaded_state = False
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -538,9 +543,17 @@ class DistillationTrainer(Seq2SeqTrainer):
         save_file(tensors, os.path.join(checkpoint_dir, _STREAM_STATE_FILE.format(rank=self.args.process_index)))
 
     def _load_stream_state(self, checkpoint_dir: str) -> None:
-        path = os.path.join(checkpoint_dir, _STREAM_STATE_FILE.format(rank=self.args.process_index))
-        if not os.path.exists(path):
-            return
+        name = _STREAM_STATE_FILE.format(rank=self.args.process_index)
+        path = os.path.join(checkpoint_dir, name)
+        if not os.path.isdir(checkpoint_dir):
+            raise MissingInputError(f"cannot resume from checkpoint {checkpoint_dir}: no such folder")
+        # Restarting from zero state would silently train on different inputs than the interrupted run did.
+        if not os.path.isfile(path):
+            raise MissingInputError(
+                f"checkpoint {checkpoint_dir} lacks {name}, the recurrent (TBPTT) state of process "
+                f"{self.args.process_index} that resuming this stateful model needs: resume from a checkpoint "
+                "written by seqkd's DistillationTrainer, or start afresh in a new output_dir"
+            )
         tensors = load_file(path, device=str(self.accelerator.device))
         for owner in ("student", "teacher"):
             parts = [tensors[k] for k in sorted(k for k in tensors if k.startswith(owner + "."))]
