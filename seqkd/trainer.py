@@ -44,7 +44,7 @@ from seqkd.losses import (
     SparseTeacher,
     distillation_loss,
 )
-from seqkd.errors import InvalidValueError, MissingInputError
+from seqkd.errors import InvalidValueError, MissingInputError, NonFiniteLossError
 
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
@@ -279,6 +279,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._keep_loaded_state = False
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_tokens: torch.Tensor | int = 0
+        # The first training step whose loss was not finite: [step, loss, each part, teacher logits] flags, on the
+        # device (step -1 while every loss was finite). Read on CPU at every step (free), else at logging and
+        # checkpoint steps, so that a GPU run pays no synchronisation per step.
+        self._nonfinite: torch.Tensor | None = None
+        self._nonfinite_names: list[str] = []
         self.add_callback(_ResetStreamStateAtEpoch(self))
 
     # ---- the teacher -------------------------------------------------------------------------------------
@@ -406,6 +411,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         )
         loss = result.loss
         if model.training:
+            self._track_nonfinite(result, teacher_logits)
             # Parts are logged as token-weighted means over the logging interval. The sums stay on the device
             # (no synchronisation per step) until log() reads them.
             local_tokens = targets.ne(-100).sum()
@@ -420,7 +426,51 @@ class DistillationTrainer(Seq2SeqTrainer):
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _track_nonfinite(self, result, teacher_logits) -> None:
+        flags = [~torch.isfinite(result.loss.detach())]
+        flags += [~torch.isfinite(value.detach()) for value in result.parts.values()]
+        names = list(result.parts)
+        if teacher_logits is not None:
+            values = teacher_logits.logprobs if isinstance(teacher_logits, SparseTeacher) else teacher_logits
+            flags.append(~torch.isfinite(values.detach()).all())
+            names.append("teacher")
+        device = flags[0].device
+        record = torch.stack([torch.full((), self.state.global_step + 1, dtype=torch.long, device=device),
+                              *(flag.to(torch.long) for flag in flags)])  # fmt: skip
+        if self._nonfinite is None or self._nonfinite.shape != record.shape:
+            self._nonfinite = torch.full_like(record, -1)
+            self._nonfinite_names = names
+        first = flags[0] & (self._nonfinite[0] < 0)
+        self._nonfinite = torch.where(first, record, self._nonfinite)
+        if device.type == "cpu":
+            self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        """Stop at a non-finite loss, before it reaches a checkpoint: the last one saved stays the last good one."""
+        if self._nonfinite is None:
+            return
+        record = self._nonfinite.tolist()
+        if record[0] < 0:
+            return
+        step, flags = record[0], dict(zip(self._nonfinite_names, record[2:]))
+        teacher = flags.pop("teacher", None)
+        parts = [name for name, bad in flags.items() if bad] or ["the total (every part was finite)"]
+        if teacher is None:
+            source = "no teacher was involved"
+        elif teacher:
+            source = "the teacher's logits were not finite: check the teacher (or its cache) on this batch"
+        else:
+            source = "the teacher's logits were finite, so the student diverged: lower the learning rate or clip gradients (max_grad_norm)"
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+        raise NonFiniteLossError(
+            f"the training loss was not finite (NaN or inf) at step {step}, in {', '.join(parts)}; {source}; "
+            f"training stopped and {where}"
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._raise_if_nonfinite()
         if "loss" in logs and self._part_sums:
             totals = torch.stack(
                 [torch.as_tensor(v, dtype=torch.float64, device=self.accelerator.device)
@@ -506,6 +556,7 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint in a staging folder, then rename it into place: an interrupted save leaves no
         ``checkpoint-N`` folder that a resume would load."""
+        self._raise_if_nonfinite()
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging_dir = os.path.join(run_dir, ".staging")
@@ -567,7 +618,9 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise InvalidValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
         if resume_from_checkpoint and self._stateful:
             self._load_stream_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self._raise_if_nonfinite()  # a bad step after the last logging step must not reach the saved model
+        return output
 
 
 def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metrics: dict | None = None) -> None:

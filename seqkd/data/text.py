@@ -167,6 +167,37 @@ def find_split_files(
     return found
 
 
+def read_text(path: str | os.PathLike) -> str:
+    """The whole of a UTF-8 text file, plain or gzip-compressed (name ending in ``.gz``), universal newlines.
+
+    Bytes that are not UTF-8 and a truncated ``.gz`` file are refused with the file's name and where the problem is,
+    rather than read as garbage or as a shorter corpus.
+    """
+    import gzip
+    import zlib
+
+    path = os.fspath(path)
+    compressed = path.endswith(".gz")
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise InvalidValueError(f"{path} is a damaged or truncated gzip file ({error}): download or copy it again") from error
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise InvalidValueError(
+            f"{path} is not UTF-8 text: byte {error.start} (line {line}) is {raw[error.start:error.start + 1]!r}; "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from error
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_text_file(path: str | os.PathLike) -> list[str]:
     """Lines of a UTF-8 text file, newline characters removed, nothing else changed.
 
@@ -174,8 +205,7 @@ def read_text_file(path: str | os.PathLike) -> list[str]:
     ``\\r`` count as newlines), like iterating over the file; a final newline
     does not create an extra empty line.
     """
-    with open(path, encoding="utf-8") as f:
-        data = f.read()
+    data = read_text(path)
     if not data:
         return []
     lines = data.split("\n")

@@ -29,12 +29,11 @@ Every path works from local files; only :func:`load_translation_splits` with a H
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from seqkd.data.text import _check_not_empty, _looks_local, canonical_split, find_one_file, load_hub_splits
+from seqkd.data.text import _check_not_empty, _looks_local, canonical_split, find_one_file, load_hub_splits, read_text
 from seqkd.errors import InvalidValueError, MissingInputError
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -154,10 +153,7 @@ def read_lines(path: str | os.PathLike, *, strip: bool = True) -> list[str]:
     Newlines are universal (``\\r\\n`` and ``\\r`` count); a final newline does not create an
     extra line. With ``strip`` (default) surrounding whitespace is removed from every line.
     """
-    path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        data = f.read()
+    data = read_text(path)
     if not data:
         return []
     lines = data.split("\n")
