@@ -19,9 +19,11 @@ traceback. This module only parses arguments and runs commands: the recipe is as
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -71,7 +73,9 @@ class EvaluateArguments:
 
 class _RecipeParser(HfArgumentParser):
     def error(self, message: str):
-        # argparse would print the whole usage (hundreds of fields) and exit; one line says more.
+        # argparse would print the whole usage (hundreds of fields) and exit; one line says more. The same field
+        # may come from the recipe or the command line: name it as both spell it.
+        message = re.sub(r"argument --(\w+)(?:/--[\w-]+)*:", r"field \1:", message)
         raise InvalidValueError(f"{message} (`{self.prog} --help` lists the fields)")
 
 
@@ -379,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"seqkd {command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        # A full disk is the machine's state, not a bug: say so in one line (every write is atomic, so nothing
+        # half-written is left to load).
+        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"seqkd {command}: error: no space left on the device while writing ({_one_line(error)}): free "
+              "some space and run the same command again: it resumes from the last whole checkpoint or cache shard", file=sys.stderr)  # fmt: skip
         return 2
     return 0
 

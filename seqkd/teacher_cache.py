@@ -335,7 +335,13 @@ def cache_teacher(
                 tensors = {key: torch.cat([p[key] for p in parts], dim=0).contiguous() for key in parts[0]}
             name = f"shard-{index:05d}.safetensors"
             path = os.path.join(output_dir, name)
-            save_file(tensors, path + ".partial")
+            try:
+                save_file(tensors, path + ".partial")
+            except BaseException:
+                # Disk full or killed mid-write: the manifest never lists the shard; drop its partial bytes too.
+                if os.path.exists(path + ".partial"):
+                    os.remove(path + ".partial")
+                raise
             os.replace(path + ".partial", path)
             manifest["shards"].append(
                 {"file": name, "start": start, "stop": stop, "bytes": os.path.getsize(path), "sha256": _file_sha256(path)}

@@ -562,6 +562,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._staging_dir = os.path.join(run_dir, ".staging")
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException:
+            # A failed save (disk full, killed) leaves nothing: not even a staged folder to trip over later.
+            if self.args.should_save:
+                shutil.rmtree(self._staging_dir, ignore_errors=True)
+            raise
         finally:
             self._staging_dir = None
         staged, final = os.path.join(run_dir, ".staging", name), os.path.join(run_dir, name)
@@ -631,13 +636,19 @@ def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metric
     staging = final_dir + ".partial"
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)
+    try:
+        trainer.save_model(staging)
+        if trainer.args.should_save:
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(staging)
+            if metrics is not None:
+                with open(os.path.join(staging, "metrics.json"), "w") as f:
+                    json.dump(metrics, f, indent=2)
+    except BaseException:
+        if trainer.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if trainer.args.should_save:
-        if trainer.processing_class is not None:
-            trainer.processing_class.save_pretrained(staging)
-        if metrics is not None:
-            with open(os.path.join(staging, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(staging, final_dir)
     trainer.accelerator.wait_for_everyone()
