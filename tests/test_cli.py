@@ -189,6 +189,20 @@ def test_a_born_again_recipe_serves_every_command(tmp_path):
     parse_command_line("train", [str(recipe), "--loss", "ce", "--output_dir", str(tmp_path)])
 
 
+def test_train_with_a_born_again_recipe_trains_generation_0_with_its_teacher_loss(recipe, corpus_dir, tmp_path, caplog):
+    ban_recipe = tmp_path / "ban.yaml"
+    ban_recipe.write_text(recipe.read_text() + "loss: ban\nteacher_loss: ls\nnum_generations: 2\n")
+    out = tmp_path / "gen0"
+    with caplog.at_level("INFO", logger="seqkd"):
+        run("train", ban_recipe, "--dataset", corpus_dir, "--output_dir", out, "--max_steps", "5", "--logging_steps", "5")
+    assert "training generation 0 with its teacher_loss 'ls'" in caplog.text
+    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert any("loss_nll" in entry for entry in state["log_history"])  # label smoothing logs the plain NLL too
+    assert not any("loss_kd" in entry for entry in state["log_history"])
+    with pytest.raises(ValueError, match="loss 'ban' needs a teacher"):  # the command line's own choice stands
+        run("train", ban_recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "x", "--loss", "ban")
+
+
 def test_transformer_lm_on_blocks(recipe, corpus_dir, tmp_path):
     out = tmp_path / "gpt2"
     run("train", recipe, "--dataset", corpus_dir, "--output_dir", out, "--model", "gpt2-tiny", "--batching", "blocks",
