@@ -29,11 +29,8 @@ MODEL_CONFIG = {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "embed
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for seed, (split, count) in enumerate((("train", 120), ("validation", 20), ("test", 20))):
-        (root / f"{split}.txt").write_text("\n".join(cyclic_lines(count, seed)) + "\n")
-    return root
+def corpus_dir(cyclic_corpus_dir) -> Path:
+    return cyclic_corpus_dir
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +188,7 @@ def test_corpus_with_non_utf8_bytes(capsys, recipe, corpus_dir, tmp_path):
     with open(root / "train.txt", "ab") as f:
         f.write("un caf\xe9 noir\n".encode("latin-1"))
     line = fails(capsys, "train", recipe, "--dataset", root, "--output_dir", tmp_path / "out")
-    assert "train.txt is not UTF-8 text" in line and "line 121" in line
+    assert "train.txt is not UTF-8 text" in line and "line 401" in line
 
 
 def test_truncated_gzip_corpus_file(capsys, tmp_path):
