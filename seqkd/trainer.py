@@ -442,8 +442,12 @@ class DistillationTrainer(Seq2SeqTrainer):
             self._nonfinite_names = names
         first = flags[0] & (self._nonfinite[0] < 0)
         self._nonfinite = torch.where(first, record, self._nonfinite)
-        if device.type == "cpu":
+        if self._check_nonfinite_every_step(device):
             self._raise_if_nonfinite()
+
+    def _check_nonfinite_every_step(self, device: torch.device) -> bool:
+        # Reading a CPU tensor costs nothing; reading a GPU one would stall the step until the device catches up.
+        return device.type == "cpu"
 
     def _raise_if_nonfinite(self) -> None:
         """Stop at a non-finite loss, before it reaches a checkpoint: the last one saved stays the last good one."""

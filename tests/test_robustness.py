@@ -429,6 +429,40 @@ def test_a_diverging_student_stops_with_the_last_good_checkpoint_loadable(tmp_pa
     assert all(torch.isfinite(t).all() for t in load_file(os.path.join(last, "model.safetensors")).values())
 
 
+def test_without_a_check_per_step_a_bad_step_is_caught_before_the_next_checkpoint(tmp_path, monkeypatch):
+    # As on a GPU: the flags stay on the device and are read at logging steps and before checkpoints only.
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from seqkd.data.text import StreamBatches, encode_stream, train_word_tokenizer
+    from seqkd.errors import NonFiniteLossError
+    from seqkd.models import LSTMForCausalLM, LSTMLMConfig
+    from seqkd.trainer import DistillationArguments, DistillationTrainer
+
+    monkeypatch.setattr(DistillationTrainer, "_check_nonfinite_every_step", lambda self, device: False)
+    lines = cyclic_lines(200)
+    tokenizer = train_word_tokenizer(lines)
+    student = LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), **MODEL_CONFIG))
+
+    class BreakStudentAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                with torch.no_grad():
+                    student.lm_head.bias.fill_(float("nan"))
+
+    args = DistillationArguments(
+        output_dir=str(tmp_path / "out"), loss="ce", max_steps=20, save_strategy="steps", save_steps=4,
+        logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, learning_rate=0.1,
+    )  # fmt: skip
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=StreamBatches(encode_stream(tokenizer, lines), 4, 8),
+                                  callbacks=[BreakStudentAfter()])  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="at step 7, in ce; no teacher was involved"):
+        trainer.train()
+    assert trainer.state.global_step == 8  # it ran on to the next checkpoint, which it refused to write
+    assert get_last_checkpoint(args.output_dir).endswith("checkpoint-4")
+    assert not os.path.exists(os.path.join(args.output_dir, "checkpoint-8"))
+
+
 @pytest.mark.parametrize(
     "call, message",
     [
