@@ -42,6 +42,7 @@ _REPORTING_FIELDS = frozenset({
     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
     "hub_revision", "log_level", "log_level_replica", "log_on_each_node", "local_rank", "debug",
     "per_device_eval_batch_size", "eval_accumulation_steps", "resume_from_checkpoint", "skip_memory_metrics",
+    "data_dir",  # where the same files live (the run may move to another machine)
 })  # fmt: skip
 
 
