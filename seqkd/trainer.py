@@ -294,9 +294,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.is_deepspeed_enabled:
             return _prepare_deepspeed_teacher(teacher, self.accelerator)
         if self.is_fsdp_enabled:
-            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-            teacher.eval()
-            return teacher
+            # Not accelerator.prepare_model(teacher, evaluation_mode=True): under FSDP that neither shards the
+            # teacher nor moves it to the device, and it registers the teacher as the accelerator's first model.
+            return _prepare_fsdp_teacher(teacher, self.accelerator)
         return teacher.to(self.accelerator.device)
 
     # ---- data --------------------------------------------------------------------------------------------
@@ -524,15 +524,20 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _bleu(self, model, dataloader, prefix: str, **gen_kwargs) -> dict[str, float]:
         """Corpus BLEU and chrF of greedy or beam outputs against the decoded labels, over all processes."""
         from accelerate.utils import gather_object
+        from transformers.integrations import is_deepspeed_zero3_enabled
 
         from seqkd.evaluation import corpus_bleu, corpus_chrf
 
         tokenizer = self.processing_class
         if tokenizer is None:
             raise InvalidValueError("BLEU at evaluation needs the tokenizer: pass processing_class= to the trainer")
+        # Under FSDP and ZeRO-3 each forward gathers parameters from every process, so a process whose sequences
+        # are done must keep stepping until all are; said here, not left to transformers' guess from the model.
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
         gen_kwargs = {
             "num_beams": self.args.generation_num_beams or 1,
             "max_new_tokens": self.args.generation_max_length or 128,
+            "synced_gpus": sharded and self.accelerator.num_processes > 1,
             **gen_kwargs,
         }
         hypotheses, references = [], []
@@ -675,19 +680,110 @@ def _check_same_vocabulary(student, teacher) -> None:
 
 def _prepare_deepspeed_teacher(teacher, accelerator):
     """Wrap the teacher in a DeepSpeed inference engine with the run's ZeRO stage (3 shards it; 0 otherwise)."""
-    import copy
-
     import deepspeed
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if stage != 3:
-        config["zero_optimization"] = {"stage": 0}
-    config.pop("optimizer", None)
-    config.pop("scheduler", None)
+    hidden_size = _hidden_size(getattr(teacher, "config", None))
+    config = _teacher_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, hidden_size)
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+# transformers fills these "auto" ZeRO-3 sizes from the student's hidden size (HfTrainerDeepSpeedConfig.
+# trainer_config_finalize), but only once training starts, after the teacher is prepared.
+_ZERO3_AUTO_SIZES = {
+    "reduce_bucket_size": lambda hidden: hidden * hidden,
+    "stage3_prefetch_bucket_size": lambda hidden: int(0.9 * hidden * hidden),
+    "stage3_param_persistence_threshold": lambda hidden: 10 * hidden,
+}
+
+
+def _teacher_deepspeed_config(config: dict, hidden_size: int | None) -> dict:
+    """The run's DeepSpeed config, made fit for the teacher: no optimizer or scheduler, ZeRO stage 3 kept (other
+    stages shard only optimizer state and gradients, which the teacher has none of: stage 0), and the ZeRO-3 sizes
+    left at "auto" filled from the teacher's own hidden size (``deepspeed.initialize`` refuses "auto")."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage", 0) != 3:
+        config["zero_optimization"] = {"stage": 0}
+        return config
+    auto = [key for key in _ZERO3_AUTO_SIZES if zero.get(key) == "auto"]
+    if auto and hidden_size is None:
+        raise InvalidValueError(
+            f"the teacher's config has no hidden_size to fill the DeepSpeed ZeRO-3 entries left at 'auto' "
+            f"({', '.join('zero_optimization.' + key for key in auto)}): set them to numbers in the DeepSpeed config"
+        )
+    for key in auto:
+        zero[key] = _ZERO3_AUTO_SIZES[key](hidden_size)
+    return config
+
+
+def _hidden_size(config) -> int | None:
+    """The model's hidden size as transformers reads it for DeepSpeed's "auto" sizes (the largest, if several)."""
+    for candidate in (config, getattr(config, "text_config", None)):
+        if candidate is None:
+            continue
+        if getattr(candidate, "hidden_size", None) is not None:
+            return int(candidate.hidden_size)
+        if getattr(candidate, "hidden_sizes", None):
+            return int(max(candidate.hidden_sizes))
+    return None
+
+
+def _prepare_fsdp_teacher(teacher, accelerator):
+    """Shard the teacher with the run's FSDP settings (version, mixed precision, offload, wrap policy), for inference.
+
+    It goes through Accelerate's own FSDP preparation, but with a copy of the run's plugin: preparing a model fixes
+    the plugin's auto-wrap policy to that model's layer classes, which must stay free to be the student's. The
+    teacher is not left among the accelerator's models (whose order ``save_state``/``load_state`` rely on, and an
+    evaluation before training prepares the student only when there is none).
+    """
+    import copy
+    import functools
+
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    state = accelerator.state
+    run_plugin = state.fsdp_plugin
+    plugin = copy.copy(run_plugin)
+    # A policy already bound to the student's (or an earlier model's) layer classes is re-derived for the teacher.
+    policy = plugin.auto_wrap_policy
+    builtin_policies = (transformer_auto_wrap_policy, size_based_auto_wrap_policy)
+    if isinstance(policy, functools.partial) and policy.func in builtin_policies:
+        plugin.auto_wrap_policy = policy.func
+    if plugin.transformer_cls_names_to_wrap:
+        classes = {type(module).__name__ for module in teacher.modules()}
+        names = [name for name in plugin.transformer_cls_names_to_wrap if name in classes]
+        plugin.transformer_cls_names_to_wrap = names or None
+    plugin.ignored_modules = None  # they are the student's
+    plugin.activation_checkpointing = False  # nothing is back-propagated through the teacher
+    models = list(accelerator._models)
+    state.fsdp_plugin = plugin
+    try:
+        if plugin.fsdp_version == 2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            teacher = fsdp2_prepare_model(accelerator, teacher)
+            if plugin.reshard_after_forward is True:
+                # Accelerate keeps the root's (and the output layer's) parameters gathered after forward, for the
+                # backward that follows; the teacher has none, so they would stay gathered for good.
+                teacher.set_reshard_after_forward(True)
+                if hasattr(teacher, "reset_iter_state"):  # recent torch only (2.13 has it)
+                    # FSDP2 records each forward's order for the backward that replays it and forgets it only
+                    # after that backward: with none, the records would grow every step. Resetting also reshards,
+                    # which is why it is done only where parameters are resharded after forward anyway.
+                    teacher.register_forward_hook(lambda module, args, output: module.reset_iter_state())
+        else:
+            teacher = accelerator.prepare_model(teacher)
+    finally:
+        state.fsdp_plugin = run_plugin
+        accelerator._models[:] = models
+    teacher.eval()
+    return teacher
 
 
 __all__ = ["DistillationArguments", "DistillationTrainer", "load_teacher", "save_model_atomically"]

@@ -1,14 +1,18 @@
-"""A tiny distillation under `accelerate launch --multi_gpu --num_processes 2` on CPU (two gloo processes).
+"""A tiny distillation under `accelerate launch --num_processes 2` on CPU (two gloo processes), with DDP and FSDP2.
 
 Two processes with 4 streams each see exactly the global batch of one process with 8 streams (the streams are
 cut the same way and each process takes its own), and the loss is normalised over the tokens of all
 processes, so the two runs must agree up to floating-point reduction order.
+
+Accelerate enables FSDP only on accelerator devices; the FSDP2 tests run through tests/fsdp_on_cpu.py, which marks
+the CPU processes' state as FSDP (see there).
 """
 
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -45,7 +49,9 @@ def _run(command, cwd):
     return result
 
 
-def test_two_process_distillation_matches_one_process(setup):
+@pytest.fixture(scope="module")
+def single_run(setup):
+    """A teacher, and the one-process distillation every two-process run is compared with."""
     root, recipe = setup
     teacher = root / "teacher"
     _run([sys.executable, "-m", "seqkd", "train", str(recipe), "--loss", "ce", "--per_device_train_batch_size", "8",
@@ -54,6 +60,12 @@ def test_two_process_distillation_matches_one_process(setup):
               "--teacher_model_name_or_path", str(teacher / "model")]  # fmt: skip
     _run([sys.executable, "-m", "seqkd", *common, "--per_device_train_batch_size", "8",
           "--per_device_eval_batch_size", "4", "--output_dir", str(root / "single")], root)  # fmt: skip
+    return common, root / "single"
+
+
+def test_two_process_distillation_matches_one_process(setup, single_run):
+    root, _ = setup
+    common, _ = single_run
     _run(
         ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "-m", "seqkd", *common, "--per_device_train_batch_size", "4",
@@ -97,3 +109,107 @@ def test_two_processes_distilling_from_a_cache_match_one_process_with_the_live_t
     assert double["world_size"] == 2
     assert double["train_loss"] == pytest.approx(single["train_loss"], rel=RELATIVE_TOLERANCE)
     assert double["test_perplexity"] == pytest.approx(single["test_perplexity"], rel=RELATIVE_TOLERANCE)
+
+
+FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
+# The launcher's FSDP2 defaults, spelled out, with the layer-wise wrapping policy: the teacher is then sharded in
+# several units, and (cpu_ram_efficient_loading) the second process' copy of it is replaced by the first one's.
+FSDP2_LAUNCH = [
+    "accelerate", "launch", "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+    "--fsdp_reshard_after_forward", "true", "--fsdp_cpu_ram_efficient_loading", "true",
+    "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no", str(FSDP_ON_CPU),
+]  # fmt: skip
+# The FSDP2 run's weights differ from the one-process run's by ~1e-7 (reduction order); distilling with kd_weight
+# 0.49 instead of 0.5 moves every weight tensor by more than 1e-5, so these bounds tell a real difference apart.
+WEIGHT_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def test_two_process_fsdp2_distillation_matches_one_process(setup, single_run):
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    root, _ = setup
+    common, single_dir = single_run
+    out = root / "fsdp2"
+    # Under SHARDED_STATE_DICT the final save_model writes no weights: the last checkpoint's sharded ones are read.
+    _run([*FSDP2_LAUNCH, "-m", "seqkd", *common, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",
+          "2", "--save_strategy", "steps", "--save_steps", "20", "--output_dir", str(out)], root)  # fmt: skip
+    single = json.loads((single_dir / "model" / "metrics.json").read_text())
+    fsdp = json.loads((out / "model" / "metrics.json").read_text())
+    assert fsdp["world_size"] == 2
+    assert fsdp["train_loss"] == pytest.approx(single["train_loss"], rel=RELATIVE_TOLERANCE)
+    for split in ("validation", "test"):
+        assert fsdp[f"{split}_perplexity"] == pytest.approx(single[f"{split}_perplexity"], rel=RELATIVE_TOLERANCE)
+    sharded = out / "checkpoint-20" / "pytorch_model_fsdp_0"
+    assert sharded.is_dir(), "no FSDP checkpoint: the run was not sharded"
+    dcp_to_torch_save(sharded, root / "fsdp2-weights.pt")
+    weights = torch.load(root / "fsdp2-weights.pt")["model"]
+    expected = load_file(single_dir / "model" / "model.safetensors")
+    assert expected
+    for name, value in expected.items():
+        torch.testing.assert_close(weights[name], value, **WEIGHT_TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+
+
+_FSDP2_TEACHER_PROBE = """
+import json, sys
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import default_data_collator
+from seqkd.data.text import group_texts, train_word_tokenizer
+from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
+from seqkd.trainer import DistillationArguments, DistillationTrainer
+
+corpus, output = sys.argv[1], sys.argv[2]
+lines = open(corpus).read().splitlines()
+tokenizer = train_word_tokenizer(lines)
+torch.manual_seed(0)
+teacher = LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), embedding_size=24, hidden_size=24, num_layers=1))
+initial = {k: v.clone() for k, v in teacher.state_dict().items()}
+student = build_causal_lm({"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 16}, tokenizer=tokenizer)
+args = DistillationArguments(
+    output_dir=output + ".run", report_to=[], disable_tqdm=True, use_cpu=True, save_strategy="no", max_steps=4,
+    per_device_train_batch_size=4, learning_rate=0.01, loss="kd",
+)
+trainer = DistillationTrainer(
+    model=student, args=args, teacher_model=teacher, train_dataset=group_texts(lines, tokenizer, 8),
+    data_collator=default_data_collator,
+)
+# fully_shard swaps a module's class for a subclass named FSDP<class>.
+units = lambda model: sorted({type(m).__name__[4:] for m in model.modules() if isinstance(m, FSDPModule)})
+report = {
+    "fsdp2": trainer.accelerator.is_fsdp2,
+    "teacher_units": units(trainer.teacher),
+    "teacher_sharded_before": all(isinstance(p, DTensor) for p in trainer.teacher.parameters()),
+    "teacher_among_models": any(m is trainer.teacher for m in trainer.accelerator._models),
+}
+trainer.train()
+report["student_units"] = units(trainer.model)
+# FSDP2 registers the sharded DTensors while resharded, the gathered tensors while not.
+report["teacher_sharded_after"] = all(isinstance(p, DTensor) for p in trainer.teacher.parameters())
+report["teacher_frozen"] = not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+report["teacher_unchanged"] = all(
+    torch.equal(v.full_tensor() if isinstance(v, DTensor) else v, initial[k])
+    for k, v in trainer.teacher.state_dict().items()
+)
+if trainer.is_world_process_zero():
+    open(output, "w").write(json.dumps(report))
+"""
+
+
+def test_fsdp2_shards_the_teacher_with_its_own_wrapping(setup, tmp_path):
+    """An LSTM teacher for a GPT-2 student: each is wrapped by its own layer classes."""
+    root, recipe = setup
+    probe, report = tmp_path / "probe.py", tmp_path / "report.json"
+    probe.write_text(_FSDP2_TEACHER_PROBE)
+    corpus = yaml.safe_load(recipe.read_text())["dataset"]
+    _run([*FSDP2_LAUNCH, str(probe), str(Path(corpus) / "train.txt"), str(report)], tmp_path)
+    result = json.loads(report.read_text())
+    assert result["fsdp2"]
+    assert result["teacher_sharded_before"] and result["teacher_sharded_after"]
+    assert not result["teacher_among_models"]
+    assert "LSTM" in result["teacher_units"] and "GPT2Block" not in result["teacher_units"]
+    assert "GPT2Block" in result["student_units"] and "LSTM" not in result["student_units"]
+    assert result["teacher_frozen"] and result["teacher_unchanged"]
