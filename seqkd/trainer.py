@@ -651,7 +651,23 @@ def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metric
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
     try:
-        trainer.save_model(staging)
+        if trainer.is_fsdp_enabled:
+            # transformers' save_model writes no weights unless the FSDP state dict type is FULL_STATE_DICT (the
+            # launcher's default is SHARDED): gather the full weights (every process takes part), and write them
+            # from an unsharded copy of the model, since save_pretrained inspects the model's own (sharded) tensors.
+            state_dict = trainer.accelerator.get_state_dict(trainer.model)
+            # Where Accelerate hands back the shards themselves (DTensors), gather them: a collective, on every process.
+            state_dict = {key: _full_tensor(value) for key, value in state_dict.items()}
+            if trainer.args.should_save:
+                unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+                # Built from the config, not type(unwrapped): FSDP2 swaps the model's class for a sharded one.
+                auto = AutoModelForSeq2SeqLM if unwrapped.config.is_encoder_decoder else AutoModelForCausalLM
+                full = auto.from_config(unwrapped.config)
+                full.load_state_dict(state_dict)
+                full.generation_config = unwrapped.generation_config
+                full.save_pretrained(staging)
+        else:
+            trainer.save_model(staging)
         if trainer.args.should_save:
             if trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(staging)
@@ -666,6 +682,11 @@ def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metric
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(staging, final_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    full_tensor = getattr(tensor, "full_tensor", None)  # a DTensor's
+    return full_tensor().cpu() if callable(full_tensor) else tensor
 
 
 def _check_same_vocabulary(student, teacher) -> None:

@@ -133,7 +133,7 @@ def test_two_process_fsdp2_distillation_matches_one_process(setup, single_run):
     root, _ = setup
     common, single_dir = single_run
     out = root / "fsdp2"
-    # Under SHARDED_STATE_DICT the final save_model writes no weights: the last checkpoint's sharded ones are read.
+    # The launcher's SHARDED_STATE_DICT: checkpoints hold shards, the final model folder the gathered weights.
     _run([*FSDP2_LAUNCH, "-m", "seqkd", *common, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size",
           "2", "--save_strategy", "steps", "--save_steps", "20", "--output_dir", str(out)], root)  # fmt: skip
     single = json.loads((single_dir / "model" / "metrics.json").read_text())
@@ -148,8 +148,10 @@ def test_two_process_fsdp2_distillation_matches_one_process(setup, single_run):
     weights = torch.load(root / "fsdp2-weights.pt")["model"]
     expected = load_file(single_dir / "model" / "model.safetensors")
     assert expected
+    final = load_file(out / "model" / "model.safetensors")
     for name, value in expected.items():
         torch.testing.assert_close(weights[name], value, **WEIGHT_TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(final[name], value, **WEIGHT_TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
 
 
 _FSDP2_TEACHER_PROBE = """
