@@ -34,14 +34,18 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
 RUN_CONFIG_FILE = "born_again_config.json"
-# Fields that change where or how a run reports, not what it trains: a resumed chain may change them.
-_REPORTING_FIELDS = frozenset({
-    "output_dir", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
-    "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id", "save_total_limit", "overwrite_output_dir",
-    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
-    "hub_revision", "log_level", "log_level_replica", "log_on_each_node", "local_rank", "debug",
-    "per_device_eval_batch_size", "eval_accumulation_steps", "resume_from_checkpoint", "skip_memory_metrics",
+# Fields that change where, how often or how a run reports and saves, not what it trains, and fields that only
+# extend the chain (more generations, the ensemble): a resumed chain may change them. (Evaluation fields are not
+# here: evaluation steers the plateau schedule and draws from the random generator.)
+_FIELDS_A_RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "logging_strategy", "logging_steps", "logging_first_step", "logging_nan_inf_filter",
+    "disable_tqdm", "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "include_num_input_tokens_seen", "save_strategy", "save_steps", "save_total_limit",
+    "save_only_model", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "push_to_hub", "hub_model_id",
+    "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "log_level",
+    "log_level_replica", "log_on_each_node", "local_rank", "debug", "ddp_timeout", "resume_from_checkpoint",
+    "skip_memory_metrics", "allow_pickle_weights", "num_generations", "ensemble",
     "data_dir",  # where the same files live (the run may move to another machine)
 })  # fmt: skip
 
@@ -118,21 +122,26 @@ def _run_config(args, born_again_args, cache_args, recipe: dict | None) -> dict:
         if dataclasses.is_dataclass(values):
             values = {f.name: getattr(values, f.name) for f in dataclasses.fields(values) if f.init}
         for key, value in values.items():
-            if key in _REPORTING_FIELDS or key.startswith("_"):
+            if key in _FIELDS_A_RESUME_MAY_CHANGE or key.startswith("_"):
                 continue
             config[key if key not in config else f"{name}.{key}"] = json.loads(json.dumps(value, default=str))
     return config
 
 
 def _check_run_config(output_dir: str, config: dict, should_save: bool) -> None:
-    """Refuse to resume a chain under another configuration: its generations would mix two recipes."""
+    """Refuse to resume a chain under another configuration: its generations would mix two recipes.
+
+    Only fields both configurations know are compared (a newer seqkd or transformers adds fields), and only once
+    the chain has something to resume (a generation's checkpoint or model): before that, a rerun with other
+    settings (a lower learning rate after a diverged first try, say) simply starts the chain.
+    """
     path = os.path.join(output_dir, RUN_CONFIG_FILE)
-    if os.path.isfile(path):
+    if os.path.isfile(path) and _has_progress(output_dir):
         with open(path) as f:
             saved = json.load(f)
-        changed = sorted(key for key in set(saved) | set(config) if saved.get(key, "<unset>") != config.get(key, "<unset>"))
+        changed = sorted(key for key in set(saved) & set(config) if saved[key] != config[key])
         if changed:
-            details = ", ".join(f"{key}: {saved.get(key, '<unset>')!r} -> {config.get(key, '<unset>')!r}" for key in changed[:8])
+            details = ", ".join(f"{key}: {saved[key]!r} -> {config[key]!r}" for key in changed[:8])
             more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
             raise InvalidValueError(
                 f"{output_dir} holds a Born-Again chain started with another configuration ({details}{more}): "
@@ -141,6 +150,15 @@ def _check_run_config(output_dir: str, config: dict, should_save: bool) -> None:
         return
     if should_save:
         _write_json_atomically(path, config)
+
+
+def _has_progress(output_dir: str) -> bool:
+    for name in os.listdir(output_dir):
+        gen_dir = os.path.join(output_dir, name)
+        if name.startswith("gen-") and os.path.isdir(gen_dir):
+            if any(entry == MODEL_DIR or entry.startswith("checkpoint-") for entry in os.listdir(gen_dir)):
+                return True
+    return False
 
 
 def _write_json_atomically(path: str, data: dict) -> None:

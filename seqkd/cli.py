@@ -38,6 +38,7 @@ from seqkd.pipeline import (
     build_datasets,
     build_pipeline,
     build_translation_datasets,
+    canonical_split_name,
     check_model_folder,
     is_translation,
     load_corpus,
@@ -100,11 +101,11 @@ def read_recipe(path: str) -> dict:
         raise InvalidValueError(f"recipe {path!r} is a folder: name a .yaml file")
     if not os.path.isfile(path):
         raise MissingInputError(f"recipe {path!r} does not exist")
+    from seqkd.data.text import read_text
+
+    text = read_text(path)  # refuses bytes that are not UTF-8, naming where they are
     try:
-        with open(path, encoding="utf-8") as f:
-            recipe = yaml.safe_load(f)
-    except UnicodeDecodeError as error:
-        raise InvalidValueError(f"recipe {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from error
+        recipe = yaml.safe_load(text)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -124,9 +125,9 @@ def _recipe_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
     known = {action.dest for action in parser._actions}
     # One recipe serves every command: fields of another command (num_generations for `evaluate`, say) are skipped.
     every_field = {f.name for command in COMMANDS for cls in _parser(command).dataclass_types for f in dataclasses.fields(cls)}
-    unknown = sorted(set(recipe) - every_field)
+    unknown = sorted(map(str, set(recipe) - every_field))  # YAML 1.1 reads `yes:` or `on:` as a boolean key
     if unknown:
-        raise InvalidValueError(f"recipe {path} has unknown fields {unknown}; `seqkd COMMAND --help` lists the fields")
+        raise InvalidValueError(f"recipe {path} has unknown fields {unknown}; `{parser.prog} --help` lists the fields")
     argv = []
     for key, value in recipe.items():
         if value is None or key not in known:
@@ -148,7 +149,7 @@ def parse_command_line(command: str, argv: list[str]):
         recipe_argv = _recipe_to_argv(argv[0], parser)
         argv = argv[1:]
     full = recipe_argv + argv
-    if "--output_dir" not in full:
+    if not _names_field(full, "output_dir"):
         full += ["--output_dir", os.path.join("runs", command)]
     try:
         parsed = parser.parse_args_into_dataclasses(args=full)
@@ -158,6 +159,10 @@ def parse_command_line(command: str, argv: list[str]):
         # The arguments' own checks (transformers' TrainingArguments among them) reject values with ValueError:
         # here every one of those is about what the user wrote.
         raise InvalidValueError(str(error)) from error
+    except FileNotFoundError as error:  # a config file a field names (accelerator_config, fsdp_config, deepspeed)
+        raise MissingInputError(
+            f"{error.filename or error} does not exist: a field (accelerator_config, fsdp_config, deepspeed) names it"
+        ) from error
     for value in parsed:
         output_dir = getattr(value, "output_dir", None)
         if output_dir and os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -206,10 +211,17 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     evals = pipeline.eval_datasets
     if not evals:
         raise InvalidValueError("eval_splits names no split: give at least one, e.g. --eval_splits validation,test")
-    trainer = DistillationTrainer(
-        model=pipeline.model, args=args, train_dataset=pipeline.train_dataset, eval_dataset=next(iter(evals.values())),
-        processing_class=pipeline.tokenizer, data_collator=pipeline.data_collator,
-    )  # fmt: skip
+    try:
+        trainer = DistillationTrainer(
+            model=pipeline.model, args=args, train_dataset=pipeline.train_dataset,
+            eval_dataset=next(iter(evals.values())), processing_class=pipeline.tokenizer,
+            data_collator=pipeline.data_collator,
+        )  # fmt: skip
+    except UserError:
+        raise
+    except ValueError as error:
+        # transformers checks some fields only when the trainer is built (report_to, say): still the user's input.
+        raise InvalidValueError(str(error)) from error
     resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     output = trainer.train(resume_from_checkpoint=resume)
     metrics = {
@@ -296,17 +308,20 @@ def command_evaluate(argv: list[str]) -> dict:
     if not path:
         raise InvalidValueError("seqkd evaluate needs --model_name_or_path (a saved model folder)")
     model = load_saved_model(path, allow_pickle=args.allow_pickle_weights).to(args.device)
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise MissingInputError(
+            f"model folder {path!r} has no tokenizer (tokenizer.json): save the tokenizer beside the model "
+            "(tokenizer.save_pretrained), as seqkd's commands do"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_vocab_size(tokenizer, model)
-    split = eval_args.split
+    split = canonical_split_name(eval_args.split)
     metrics = {"model": path, "split": split}
     if model.config.is_encoder_decoder:
         from seqkd.data.translation import translation_collator
         from seqkd.evaluation import bleu_eval
 
         corpus = load_parallel_corpus(data_args)
-        if split not in corpus:
-            raise InvalidValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
         _, evals = build_translation_datasets(corpus, tokenizer, data_args, [split])
         tokenize = "none" if data_args.pretokenized else args.bleu_tokenize
         bleu = bleu_eval(
@@ -343,11 +358,44 @@ with status 2; --debug (or SEQKD_DEBUG=1) shows its traceback.
 """
 
 
+def _names_field(argv: list[str], name: str) -> bool:
+    """Whether a command line sets ``--name`` (as ``--name value`` or ``--name=value``)."""
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
 def _born_again_teacher_loss(argv: list[str]) -> str | None:
     """The ``teacher_loss`` of a Born-Again recipe, unless the command line chose the loss itself."""
-    if not argv or argv[0].startswith("-") or "--loss" in argv:
+    if not argv or argv[0].startswith("-") or _names_field(argv, "loss"):
         return None
     return read_recipe(argv[0]).get("teacher_loss")
+
+
+def _strip_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """Remove seqkd's own ``--debug``. transformers has a ``debug`` field too, which takes a value
+    (``--debug underflow_overflow``): a ``--debug`` followed by a value is that field's, and stays."""
+    kept, debug = [], False
+    for i, arg in enumerate(argv):
+        if arg == "--debug" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            debug = True
+        else:
+            kept.append(arg)
+    return kept, debug
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) says the disk is full. safetensors and torch report it in
+    exceptions of their own (SafetensorError, RuntimeError) whose text names the OS error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if any(sign in text for sign in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded",
+                                         "os error 122", "QuotaExceeded")):  # fmt: skip
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 COMMAND_FUNCTIONS = {
@@ -372,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"seqkd: error: unknown command {command!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    debug = "--debug" in rest or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    rest = [a for a in rest if a != "--debug"]
+    rest, debug = _strip_debug_flag(rest)
+    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import seqkd  # noqa: F401  (registers the models with the Auto classes)
 
@@ -384,13 +432,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"seqkd {command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except OSError as error:
-        # A full disk is the machine's state, not a bug: say so in one line (every write is atomic, so nothing
-        # half-written is left to load).
-        if debug or error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as error:
+        # A full disk (or quota) is the machine's state, not a bug: say so in one line (every write is atomic, so
+        # nothing half-written is left to load).
+        if debug or not _is_disk_full(error):
             raise
-        print(f"seqkd {command}: error: no space left on the device while writing ({_one_line(error)}): free "
-              "some space and run the same command again: it resumes from the last whole checkpoint or cache shard", file=sys.stderr)  # fmt: skip
+        print(f"seqkd {command}: error: the disk is full (or over quota) while writing ({_one_line(error)}): free "
+              "some space and run the same command again: it resumes from the last whole checkpoint or cache shard",
+              file=sys.stderr)  # fmt: skip
         return 2
     return 0
 

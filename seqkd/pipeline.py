@@ -357,8 +357,15 @@ def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bo
 
 
 def eval_split_names(data_args: DataArguments) -> list[str]:
-    """The evaluation splits named by ``eval_splits``, in order."""
-    return [s.strip() for s in data_args.eval_splits.split(",") if s.strip()]
+    """The evaluation splits named by ``eval_splits``, in order, by their canonical names ('dev' is 'validation')."""
+    return [canonical_split_name(s.strip()) for s in data_args.eval_splits.split(",") if s.strip()]
+
+
+def canonical_split_name(name: str) -> str:
+    """'dev', 'valid', ... are 'validation' (and so on); a name that is no known alias is kept as it is."""
+    from seqkd.data.text import SPLIT_ALIASES
+
+    return next((canon for canon, aliases in SPLIT_ALIASES.items() if name in aliases), name)
 
 
 class Pipeline(NamedTuple):
@@ -415,6 +422,7 @@ __all__ = [
     "build_translation_tokenizer",
     "check_model_folder",
     "dataset_path",
+    "canonical_split_name",
     "eval_split_names",
     "is_translation",
     "load_corpus",

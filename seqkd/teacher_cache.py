@@ -424,7 +424,8 @@ class TeacherCache:
             if layout["kind"] == "stream" == self.layout["kind"] and layout["rows"] != self.layout["rows"]:
                 hint = (
                     f" (the run trains {layout['rows']} streams = per_device_train_batch_size x processes, the cache "
-                    f"holds {self.layout['rows']}: write it with cache_num_processes = the number of processes)"
+                    f"holds {self.layout['rows']}: use the per_device_train_batch_size the cache was written with, "
+                    "or write the cache with this run's, and cache_num_processes = the number of processes)"
                 )
             raise InvalidValueError(
                 f"teacher cache {self.path} was written for the layout {self.layout}, this run needs {layout}{hint}"

@@ -433,16 +433,23 @@ class DistillationTrainer(Seq2SeqTrainer):
         device = flags[0].device
         check_now = self._check_nonfinite_every_step(device)
         if teacher_logits is not None:
-            values = teacher_logits.logprobs if isinstance(teacher_logits, SparseTeacher) else teacher_logits
             if check_now and not flags[0]:
                 flags.append(torch.zeros((), dtype=torch.bool, device=device))  # no need to look: the loss is fine
             else:
                 # A sum is NaN or inf whenever one of its terms is; it is several times cheaper than isfinite().all().
-                flags.append(~torch.isfinite(values.detach().sum(dtype=torch.float32)))
+                if isinstance(teacher_logits, SparseTeacher):
+                    total = teacher_logits.logprobs.detach().sum(dtype=torch.float32)
+                    if teacher_logits.residual is not None:
+                        total = total + teacher_logits.residual.detach().sum(dtype=torch.float32)
+                else:
+                    total = teacher_logits.detach().sum(dtype=torch.float32)
+                flags.append(~torch.isfinite(total))
             names.append("teacher")
         record = torch.stack([torch.full((), self.state.global_step + 1, dtype=torch.long, device=device),
                               *(flag.to(torch.long) for flag in flags)])  # fmt: skip
-        if self._nonfinite is None or self._nonfinite.shape != record.shape:
+        if self._nonfinite is None or self._nonfinite_names != names:
+            # The parts change (a distillation warm-up adds the KD term): settle the old record before a new one.
+            self._raise_if_nonfinite()
             self._nonfinite = torch.full_like(record, -1)
             self._nonfinite_names = names
         first = flags[0] & (self._nonfinite[0] < 0)
@@ -452,16 +459,23 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _check_nonfinite_every_step(self, device: torch.device) -> bool:
         # Reading a CPU tensor costs nothing; reading a GPU one would stall the step until the device catches up.
-        return device.type == "cpu"
+        # With several processes every one must stop together, which takes a collective: only where all of them
+        # check (logging and checkpoint steps, the end of training), never on one process alone.
+        return device.type == "cpu" and self.accelerator.num_processes == 1
 
     def _raise_if_nonfinite(self) -> None:
-        """Stop at a non-finite loss, before it reaches a checkpoint: the last one saved stays the last good one."""
+        """Stop at a non-finite loss, before it reaches a checkpoint: the last one saved stays the last good one.
+        With several processes, a collective: every process raises, naming the earliest bad step of any."""
         if self._nonfinite is None:
             return
-        record = self._nonfinite.tolist()
-        if record[0] < 0:
+        records = self._nonfinite[None]
+        if self.accelerator.num_processes > 1:
+            records = self.accelerator.gather(records)
+        bad = [(row[0], rank, row) for rank, row in enumerate(records.tolist()) if row[0] >= 0]
+        if not bad:
             return
-        step, flags = record[0], dict(zip(self._nonfinite_names, record[2:]))
+        step, rank, record = min(bad)
+        flags = dict(zip(self._nonfinite_names, record[2:]))
         teacher = flags.pop("teacher", None)
         parts = [name for name, bad in flags.items() if bad] or ["the total (every part was finite)"]
         if teacher is None:
@@ -472,9 +486,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             source = "the teacher's logits were finite, so the student diverged: lower the learning rate or clip gradients (max_grad_norm)"
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+        on_process = f" on process {rank}" if len(records) > 1 else ""
         raise NonFiniteLossError(
-            f"the training loss was not finite (NaN or inf) at step {step}, in {', '.join(parts)}; {source}; "
-            f"training stopped and {where}"
+            f"the training loss was not finite (NaN or inf) at step {step}{on_process}, in {', '.join(parts)}; "
+            f"{source}; training stopped and {where}"
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -573,19 +588,18 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._raise_if_nonfinite()
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._staging_dir = os.path.join(run_dir, ".staging")
+        staging = self._staging_dir = os.path.join(run_dir, ".staging")
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
         try:
             super()._save_checkpoint(model, trial)
+            if self._stateful:
+                self._save_stream_state(staged)
         except BaseException:
             # A failed save (disk full, killed) leaves nothing: not even a staged folder to trip over later.
-            if self.args.should_save:
-                shutil.rmtree(self._staging_dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         finally:
             self._staging_dir = None
-        staged, final = os.path.join(run_dir, ".staging", name), os.path.join(run_dir, name)
-        if self._stateful:
-            self._save_stream_state(staged)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             best = self.state.best_model_checkpoint
@@ -621,8 +635,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         if not os.path.isfile(path):
             raise MissingInputError(
                 f"checkpoint {checkpoint_dir} lacks {name}, the recurrent (TBPTT) state of process "
-                f"{self.args.process_index} that resuming this stateful model needs: resume from a checkpoint "
-                "written by seqkd's DistillationTrainer, or start afresh in a new output_dir"
+                f"{self.args.process_index} that resuming this stateful model needs: resume with as many processes "
+                "as wrote the checkpoint, from a checkpoint written by seqkd's DistillationTrainer, or start afresh "
+                "in a new output_dir"
             )
         tensors = load_file(path, device=str(self.accelerator.device))
         for owner in ("student", "teacher"):
@@ -637,6 +652,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise InvalidValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
         if resume_from_checkpoint and self._stateful:
             self._load_stream_state(resume_from_checkpoint)
+        self._nonfinite = None  # a second train() does not inherit the first one's bad step
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         self._raise_if_nonfinite()  # a bad step after the last logging step must not reach the saved model
         return output

@@ -43,8 +43,25 @@ def setup(tmp_path_factory, cyclic_corpus_dir):
     return root, recipe
 
 
-def _run(command, cwd):
-    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(command: list) -> list:
+    # Accelerate's default port (29500) would collide with another test run on the same machine.
+    if command[:2] == ["accelerate", "launch"]:
+        command = [*command[:2], "--main_process_port", str(_free_port()), *command[2:]]
+    return command
+
+
+def _run(command, cwd, expect_success=True):
+    result = subprocess.run(_launch(command), capture_output=True, text=True, cwd=cwd, timeout=600)
+    if not expect_success:
+        return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -215,3 +232,30 @@ def test_fsdp2_shards_the_teacher_with_its_own_wrapping(setup, tmp_path):
     assert "LSTM" in result["teacher_units"] and "GPT2Block" not in result["teacher_units"]
     assert "GPT2Block" in result["student_units"] and "LSTM" not in result["student_units"]
     assert result["teacher_frozen"] and result["teacher_unchanged"]
+
+
+def test_a_nan_teacher_stops_both_processes_together(setup, single_run):
+    from safetensors.torch import load_file, save_file
+
+    root, _ = setup
+    common, _ = single_run
+    teacher = root / "teacher" / "model"
+    broken = root / "nan-teacher"
+    shutil.copytree(teacher, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["lm_head.bias"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    argv = [*common[:-1], str(broken)]
+    out = root / "nan"
+    result = _run(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "seqkd", *argv, "--per_device_train_batch_size", "4",
+         "--save_strategy", "steps", "--save_steps", "5", "--output_dir", str(out)],
+        root, expect_success=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("seqkd distill: error:")]
+    # Both processes stop at the first check (a collective), naming the first bad step.
+    assert len(lines) == 2 and len(set(lines)) == 1, result.stderr[-3000:]
+    assert "at step 1 on process 0" in lines[0] and "teacher's logits were not finite" in lines[0]
+    assert not list(out.glob("checkpoint-*")) and not (out / "model").exists()

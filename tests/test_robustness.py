@@ -113,6 +113,24 @@ def test_bad_recipe(capsys, tmp_path, corpus_dir, text, message):
     assert files_under(tmp_path / "out") == []
 
 
+def test_recipe_with_a_yaml_boolean_key(capsys, tmp_path):
+    path = tmp_path / "yes.yaml"
+    path.write_text("model: lstm\nyes: 1\nlearning_rat: 0.1\n")  # YAML 1.1 reads `yes` as True
+    assert "unknown fields ['True', 'learning_rat']" in fails(capsys, "train", path)
+
+
+def test_a_config_file_a_field_names_is_missing(capsys, recipe, corpus_dir, tmp_path):
+    line = fails(capsys, "train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "out",
+                 "--accelerator_config", tmp_path / "accelerate.json")  # fmt: skip
+    assert "accelerate.json" in line
+
+
+def test_an_unknown_report_to_integration(capsys, recipe, corpus_dir, tmp_path):
+    line = fails(capsys, "train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "out", "--report_to", "wandbb")
+    assert "wandbb" in line
+    assert not (tmp_path / "out" / "model").exists()
+
+
 def test_recipe_with_non_utf8_bytes(capsys, tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("model: lstm\nrun_name: caf\xe9\n".encode("latin-1"))
@@ -170,6 +188,11 @@ def test_empty_corpus_file(capsys, recipe, corpus_dir, tmp_path):
     assert files_under(tmp_path / "out") == []
 
 
+def test_a_dataset_that_is_neither_a_folder_nor_reachable_on_the_hub(capsys, recipe, tmp_path):
+    line = fails(capsys, "train", recipe, "--dataset", "ptb_txt_only", "--output_dir", tmp_path / "out")
+    assert "dataset 'ptb_txt_only' is not a local folder, and the Hub could not serve it" in line
+
+
 def test_corpus_with_an_empty_split(capsys, recipe, corpus_dir, tmp_path):
     root = copy_corpus(corpus_dir, tmp_path)
     (root / "validation.txt").write_text("\n\n  \n")
@@ -207,8 +230,8 @@ def test_truncated_gzip_corpus_file(capsys, tmp_path):
 
 def test_eval_splits_naming_a_split_the_corpus_lacks(capsys, recipe, corpus_dir, tmp_path):
     line = fails(capsys, "train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "out",
-                 "--eval_splits", "validation,dev")  # fmt: skip
-    assert "the corpus has no 'dev' split" in line
+                 "--eval_splits", "dev,heldout")  # fmt: skip  ('dev' is an alias of 'validation')
+    assert "the corpus has no 'heldout' split" in line
     assert files_under(tmp_path / "out") == []
 
 
@@ -268,6 +291,15 @@ def test_teacher_and_student_vocabularies_differ(capsys, recipe, corpus_dir, tea
     assert "tokenizer has 15 tokens but the model's vocab_size is 18" in line
 
 
+def test_evaluate_a_model_saved_without_its_tokenizer(capsys, recipe, corpus_dir, teacher_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(teacher_dir / name, bare / name)
+    line = fails(capsys, "evaluate", recipe, "--dataset", corpus_dir, "--model_name_or_path", bare)
+    assert "has no tokenizer (tokenizer.json)" in line
+
+
 def test_evaluate_a_folder_that_is_not_a_model(capsys, recipe, corpus_dir, tmp_path):
     (tmp_path / "notes").mkdir()
     line = fails(capsys, "evaluate", recipe, "--dataset", corpus_dir, "--model_name_or_path", tmp_path / "notes")
@@ -301,7 +333,7 @@ def test_interrupted_cache_teacher_leaves_no_shard_to_load(capsys, recipe, corpu
                 f.write(b"half a shard")
             if interruption == "killed":
                 raise KeyboardInterrupt("killed while writing a shard")
-            raise OSError(errno.ENOSPC, "No space left on device", path)
+            raise DISK_FULL_FROM_SAFETENSORS
         return original(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(teacher_cache, "save_file", dies_on_second_shard)
@@ -310,7 +342,7 @@ def test_interrupted_cache_teacher_leaves_no_shard_to_load(capsys, recipe, corpu
         with pytest.raises(KeyboardInterrupt):
             main([str(a) for a in argv])
     else:
-        assert "no space left on the device" in fails(capsys, *argv)
+        assert "the disk is full (or over quota)" in fails(capsys, *argv)
     assert not any(name.endswith(".partial") for name in os.listdir(cache_dir))
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert not manifest["complete"] and len(manifest["shards"]) == 1
@@ -339,6 +371,43 @@ def test_missing_teacher_cache(capsys, recipe, corpus_dir, tmp_path):
 # ---- checkpoints and resuming ----------------------------------------------------------------------------
 
 
+def _safetensors_disk_full():
+    from safetensors import SafetensorError
+
+    # What safetensors raises when the disk fills: its own exception type, the OS error only in the text.
+    return SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+DISK_FULL_FROM_SAFETENSORS = _safetensors_disk_full()
+
+
+@pytest.mark.parametrize(
+    "error, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (DISK_FULL_FROM_SAFETENSORS, True),
+        (RuntimeError("file write failed"), False),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (ValueError("bad"), False),
+    ],
+    ids=["enospc", "edquot", "safetensors", "other-runtime", "permission", "value"],
+)
+def test_disk_full_is_recognised_whatever_the_library_raises(error, full):
+    from seqkd.cli import _is_disk_full
+
+    assert _is_disk_full(error) is full
+    try:  # also when it is the cause of another exception
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert _is_disk_full(outer) is full
+
+
 def test_disk_full_while_saving_a_checkpoint_keeps_the_last_whole_one(capsys, recipe, corpus_dir, tmp_path, monkeypatch):
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -349,16 +418,15 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_whole_one(capsys, re
     def disk_full_on_second_save(self, output_dir):
         calls.append(output_dir)
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", output_dir)
+            raise DISK_FULL_FROM_SAFETENSORS
         return original(self, output_dir)
 
     monkeypatch.setattr(DistillationTrainer, "_save_optimizer_and_scheduler", disk_full_on_second_save)
     out = tmp_path / "out"
     line = fails(capsys, "train", recipe, "--dataset", corpus_dir, "--output_dir", out, "--save_strategy", "steps",
                  "--save_steps", "2")  # fmt: skip
-    assert "no space left on the device" in line
+    assert "the disk is full (or over quota)" in line
     assert get_last_checkpoint(str(out)).endswith("checkpoint-2")
-    assert files_under(out) == sorted(files_under(out))  # (listing works)
     assert not (out / "checkpoint-4").exists() and not (out / ".staging").exists() and not (out / "model").exists()
 
 
@@ -366,12 +434,19 @@ def test_born_again_resumed_with_a_changed_recipe(capsys, recipe, corpus_dir, tm
     out = tmp_path / "ban"
     argv = ["born-again", recipe, "--dataset", corpus_dir, "--output_dir", out, "--loss", "ban", "--num_generations", "1",
             "--ensemble", "false"]  # fmt: skip
+    # A configuration written by a first try that got nowhere (no checkpoint, no model) binds nothing.
+    out.mkdir()
+    (out / "born_again_config.json").write_text(json.dumps({"learning_rate": 9.0}))
     assert main([str(a) for a in argv]) == 0
     stamp = (out / "gen-1" / "model" / "model.safetensors").stat().st_mtime_ns
     line = fails(capsys, *argv, "--learning_rate", "0.5", "--seq_len", "6")
     assert "another configuration" in line and "learning_rate: 1.0 -> 0.5" in line and "seq_len: 8 -> 6" in line
     assert (out / "gen-1" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
-    assert main([str(a) for a in argv] + ["--logging_steps", "1", "--disable_tqdm", "false"]) == 0  # reporting only
+    # Reporting fields may change, and the chain may grow by a generation (the finished ones are kept).
+    extended = [str(a) for a in argv] + ["--logging_steps", "1", "--disable_tqdm", "false", "--num_generations", "2"]
+    assert main(extended) == 0
+    assert (out / "gen-1" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "gen-2" / "model" / "model.safetensors").is_file()
 
 
 # ---- the losses and training -----------------------------------------------------------------------------
@@ -486,8 +561,11 @@ def test_bad_loss_arguments(call, message):
 def test_every_row_of_the_robustness_table_has_a_test():
     table = (REPO / "docs" / "robustness.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| #")]
-    named = re.findall(r"`(test_\w+)(?:\[[\w-]+\])?`", "\n".join(rows))
+    named = re.findall(r"`(test_\w+)(?:\[([\w-]+)\])?`", "\n".join(rows))
     assert len(rows) >= 25 and len(named) >= len(rows)
     sources = "\n".join(path.read_text() for path in (REPO / "tests").glob("test_*.py"))
     defined = set(re.findall(r"^def (test_\w+)", sources, re.MULTILINE))
-    assert set(named) <= defined, sorted(set(named) - defined)
+    assert {name for name, _ in named} <= defined, sorted({name for name, _ in named} - defined)
+    # A parametrised case is named by its id, which must be one of the test's ids.
+    missing_ids = [f"{name}[{case}]" for name, case in named if case and f'"{case}"' not in sources]
+    assert not missing_ids, missing_ids

@@ -91,7 +91,14 @@ def load_hub_splits(loader, source, hub_config, splits: Sequence[str], aliases: 
     matching the Hub's split names through ``aliases``; a missing split names the aliases looked for."""
     import datasets
 
-    loaded = loader(os.fspath(source), hub_config, **kwargs)
+    try:
+        loaded = loader(os.fspath(source), hub_config, **kwargs)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        # Offline, or a name that is neither a local folder nor a Hub dataset (often a misspelt path).
+        raise MissingInputError(
+            f"dataset {os.fspath(source)!r} is not a local folder, and the Hub could not serve it ({error}): check "
+            "the path (or data_dir), or go online for a Hub dataset"
+        ) from error
     if not isinstance(loaded, datasets.DatasetDict):
         raise InvalidValueError(f"load_dataset({source!r}) did not return a DatasetDict (got {type(loaded).__name__})")
     by_canon: dict[str, str] = {}
