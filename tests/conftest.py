@@ -54,6 +54,18 @@ def _seed_every_test():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models: they run faster so, and do not slow to a crawl (two
+    threads waiting on each other) when other work shares the CPU. Results are as exact either way."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return data_root()

@@ -56,14 +56,7 @@ KILL_POINTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: on a CPU shared with other work, two threads spend most of each step waiting for each
-    # other (about 5x slower). Every run of a case uses this same setting; resuming is as exact with two threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

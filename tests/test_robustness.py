@@ -468,74 +468,65 @@ def test_nan_teacher_logits_stop_training_at_the_first_step(capsys, recipe, corp
     assert files_under(out) == []
 
 
-def test_a_diverging_student_stops_with_the_last_good_checkpoint_loadable(tmp_path):
+def student_broken_after_step_6(tmp_path, *, with_teacher: bool, value: float, save_steps: int, logging_steps: int):
+    """A tiny LSTM run whose student's output bias becomes ``value`` after step 6, so step 7's loss is not finite."""
     from transformers import TrainerCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     from seqkd.data.text import StreamBatches, encode_stream, train_word_tokenizer
-    from seqkd.errors import NonFiniteLossError
     from seqkd.models import LSTMForCausalLM, LSTMLMConfig
     from seqkd.trainer import DistillationArguments, DistillationTrainer
 
     lines = cyclic_lines(200)
     tokenizer = train_word_tokenizer(lines)
-    train = StreamBatches(encode_stream(tokenizer, lines), 4, 8)
     make = lambda: LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), **MODEL_CONFIG))  # noqa: E731
-    teacher, student = make(), make()
+    student = make()
 
     class BreakStudentAfter(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 6:
                 with torch.no_grad():
-                    student.lm_head.bias.fill_(float("inf"))
+                    student.lm_head.bias.fill_(value)
 
     args = DistillationArguments(
-        output_dir=str(tmp_path / "out"), loss="kd", max_steps=20, save_strategy="steps", save_steps=5,
-        logging_steps=10, report_to=[], disable_tqdm=True, use_cpu=True, learning_rate=0.1,
+        output_dir=str(tmp_path / "out"), loss="kd" if with_teacher else "ce", max_steps=20, save_strategy="steps",
+        save_steps=save_steps, logging_steps=logging_steps, report_to=[], disable_tqdm=True, use_cpu=True,
+        learning_rate=0.1,
     )  # fmt: skip
-    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train,
-                                  callbacks=[BreakStudentAfter()])  # fmt: skip
+    return DistillationTrainer(
+        model=student, args=args, teacher_model=make() if with_teacher else None,
+        train_dataset=StreamBatches(encode_stream(tokenizer, lines), 4, 8), callbacks=[BreakStudentAfter()],
+    )  # fmt: skip
+
+
+def test_a_diverging_student_stops_with_the_last_good_checkpoint_loadable(tmp_path):
+    from safetensors.torch import load_file
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from seqkd.errors import NonFiniteLossError
+
+    trainer = student_broken_after_step_6(tmp_path, with_teacher=True, value=float("inf"), save_steps=5, logging_steps=10)
     with pytest.raises(NonFiniteLossError, match=r"at step 7, in .*ce.*teacher's logits were finite") as error:
         trainer.train()
-    last = get_last_checkpoint(args.output_dir)
+    last = get_last_checkpoint(trainer.args.output_dir)
     assert last.endswith("checkpoint-5") and str(last) in str(error.value)
-    from safetensors.torch import load_file
-
     assert all(torch.isfinite(t).all() for t in load_file(os.path.join(last, "model.safetensors")).values())
 
 
 def test_without_a_check_per_step_a_bad_step_is_caught_before_the_next_checkpoint(tmp_path, monkeypatch):
     # As on a GPU: the flags stay on the device and are read at logging steps and before checkpoints only.
-    from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from seqkd.data.text import StreamBatches, encode_stream, train_word_tokenizer
     from seqkd.errors import NonFiniteLossError
-    from seqkd.models import LSTMForCausalLM, LSTMLMConfig
-    from seqkd.trainer import DistillationArguments, DistillationTrainer
+    from seqkd.trainer import DistillationTrainer
 
     monkeypatch.setattr(DistillationTrainer, "_check_nonfinite_every_step", lambda self, device: False)
-    lines = cyclic_lines(200)
-    tokenizer = train_word_tokenizer(lines)
-    student = LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), **MODEL_CONFIG))
-
-    class BreakStudentAfter(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 6:
-                with torch.no_grad():
-                    student.lm_head.bias.fill_(float("nan"))
-
-    args = DistillationArguments(
-        output_dir=str(tmp_path / "out"), loss="ce", max_steps=20, save_strategy="steps", save_steps=4,
-        logging_steps=50, report_to=[], disable_tqdm=True, use_cpu=True, learning_rate=0.1,
-    )  # fmt: skip
-    trainer = DistillationTrainer(model=student, args=args, train_dataset=StreamBatches(encode_stream(tokenizer, lines), 4, 8),
-                                  callbacks=[BreakStudentAfter()])  # fmt: skip
+    trainer = student_broken_after_step_6(tmp_path, with_teacher=False, value=float("nan"), save_steps=4, logging_steps=50)
     with pytest.raises(NonFiniteLossError, match="at step 7, in ce; no teacher was involved"):
         trainer.train()
     assert trainer.state.global_step == 8  # it ran on to the next checkpoint, which it refused to write
-    assert get_last_checkpoint(args.output_dir).endswith("checkpoint-4")
-    assert not os.path.exists(os.path.join(args.output_dir, "checkpoint-8"))
+    output_dir = trainer.args.output_dir
+    assert get_last_checkpoint(output_dir).endswith("checkpoint-4")
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-8"))
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,7 @@ from transformers import (
 from seqkd.models import CAUSAL_LM_PRESETS, SEQ2SEQ_PRESETS, build_causal_lm, build_seq2seq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run faster on one thread, and do not slow to a crawl when other jobs share the CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
