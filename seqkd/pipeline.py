@@ -273,6 +273,8 @@ def is_translation(data_args: DataArguments, model_args: ModelArguments) -> bool
     if os.path.isdir(model_args.model):
         from transformers import AutoConfig
 
+        # Only the config is read here; whether its weights may be loaded is decided when they are.
+        check_model_folder(model_args.model, allow_pickle=True)
         return bool(AutoConfig.from_pretrained(model_args.model).is_encoder_decoder)
     return data_args.dataset == "multi30k"
 

@@ -149,6 +149,13 @@ def test_unknown_model_name(capsys, recipe, corpus_dir, tmp_path):
     assert "model must be 'lstm'" in line and "'lstmm'" in line
 
 
+def test_model_folder_that_is_not_a_saved_model(capsys, recipe, corpus_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = fails(capsys, "train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "out",
+                 "--model", tmp_path / "empty")  # fmt: skip
+    assert "model folder" in line and "has no config.json" in line
+
+
 def test_user_error_shows_a_traceback_with_debug_and_a_bug_always_does(recipe, tmp_path, monkeypatch):
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(FileNotFoundError, match="does not exist"):
