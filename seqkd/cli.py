@@ -407,6 +407,12 @@ COMMAND_FUNCTIONS = {
 }
 
 
+def _print_error(line: str) -> None:
+    # One write of line and newline together: processes of one launch sharing stderr do not interleave them.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -418,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"seqkd: error: unknown command {command!r}: choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        _print_error(f"seqkd: error: unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
         return 2
     rest, debug = _strip_debug_flag(rest)
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -430,16 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if debug:
             raise
-        print(f"seqkd {command}: error: {_one_line(error)}", file=sys.stderr)
+        _print_error(f"seqkd {command}: error: {_one_line(error)}")
         return 2
     except Exception as error:
         # A full disk (or quota) is the machine's state, not a bug: say so in one line (every write is atomic, so
         # nothing half-written is left to load).
         if debug or not _is_disk_full(error):
             raise
-        print(f"seqkd {command}: error: the disk is full (or over quota) while writing ({_one_line(error)}): free "
-              "some space and run the same command again: it resumes from the last whole checkpoint or cache shard",
-              file=sys.stderr)  # fmt: skip
+        _print_error(f"seqkd {command}: error: the disk is full (or over quota) while writing ({_one_line(error)}): "
+                     "free some space and run the same command again: it resumes from the last whole checkpoint or "
+                     "cache shard")  # fmt: skip
         return 2
     return 0
 
