@@ -47,7 +47,7 @@ from seqkd.pipeline import (
     uses_streams,
 )
 
-COMMANDS = ("train", "distill", "cache-teacher", "born-again", "evaluate")
+COMMANDS = ("train", "distill", "cache-teacher", "distill-data", "born-again", "evaluate")
 DEBUG_ENV = "SEQKD_DEBUG"
 
 logger = logging.getLogger("seqkd")
@@ -90,6 +90,10 @@ def _parser(command: str) -> HfArgumentParser:
         types += [BornAgainArguments, TeacherCacheArguments]
     if command == "cache-teacher":
         types.append(TeacherCacheArguments)
+    if command == "distill-data":
+        from seqkd.sequence_kd import DistillDataArguments
+
+        types.append(DistillDataArguments)
     if command == "evaluate":
         types.append(EvaluateArguments)
     return _RecipeParser(types, prog=f"seqkd {command}", description=f"seqkd {command}: see `seqkd --help`.")
@@ -282,6 +286,31 @@ def command_cache_teacher(argv: list[str]) -> dict:
     return summary
 
 
+def command_distill_data(argv: list[str]) -> dict:
+    from seqkd.pipeline import teacher_tokenizer
+    from seqkd.sequence_kd import write_distilled_data
+
+    model_args, data_args, args, distill_data_args = parse_command_line("distill-data", argv)
+    teacher_path = args.teacher_model_name_or_path
+    if not teacher_path:
+        raise InvalidValueError("seqkd distill-data needs --teacher_model_name_or_path (a trained translation model)")
+    check_model_folder(teacher_path, allow_pickle=args.allow_pickle_weights, what="teacher")
+    tokenizer = teacher_tokenizer(teacher_path)
+    if tokenizer is None:
+        raise MissingInputError(f"teacher folder {teacher_path!r} has no tokenizer (tokenizer.json): save it beside the model")
+    teacher = load_saved_model(teacher_path, allow_pickle=args.allow_pickle_weights).to(args.device)
+    corpus = load_parallel_corpus(data_args)
+    manifest = write_distilled_data(
+        teacher, tokenizer, corpus, args.output_dir, distill_data_args, source_lang=data_args.source_lang,
+        target_lang=data_args.target_lang, batch_size=args.per_device_eval_batch_size,
+        bleu_tokenize="none" if data_args.pretokenized else args.bleu_tokenize, device=args.device,
+        show_progress=not args.disable_tqdm,
+    )  # fmt: skip
+    summary = {"output_dir": args.output_dir, "method": manifest["method"], **manifest["counts"], **manifest["decoding"]}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
 def command_born_again(argv: list[str]) -> list[dict]:
     from seqkd.born_again import run_born_again
 
@@ -350,6 +379,7 @@ USAGE = f"""usage: seqkd {{{",".join(COMMANDS)}}} [RECIPE.yaml] [--field value .
   train        train a model from labels (loss ce or ls)
   distill      train a student from a saved teacher (--teacher_model_name_or_path) or its cache (--teacher_cache)
   cache-teacher  run a teacher once over the training split and store its top-k outputs (--teacher_cache)
+  distill-data   decode the training sources with a translation teacher: a corpus for Seq-KD / Seq-Inter
   born-again   a Born-Again chain: generation 0 from labels, each next one from the last, and their ensemble
   evaluate     perplexity (and BLEU, chrF for translation; --stability) of a saved model on a split
 
@@ -402,6 +432,7 @@ COMMAND_FUNCTIONS = {
     "train": lambda argv: command_train(argv, distill=False),
     "distill": lambda argv: command_train(argv, distill=True),
     "cache-teacher": command_cache_teacher,
+    "distill-data": command_distill_data,
     "born-again": command_born_again,
     "evaluate": command_evaluate,
 }

@@ -359,6 +359,32 @@ def translate(
         one string per source: ``tokenizer.decode(..., skip_special_tokens=True)``, stripped
         (detokenized text for a tokenizer trained on raw text).
     """
+    n_best = translate_n_best(
+        model, tokenizer, sources, num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, max_source_length=max_source_length, device=device, postprocess=postprocess,
+        show_progress=show_progress, desc=desc, **generate_kwargs,
+    )  # fmt: skip
+    return [candidates[0] for candidates in n_best]
+
+
+def translate_n_best(
+    model,
+    tokenizer,
+    sources,
+    *,
+    num_beams: int,
+    num_return_sequences: int,
+    max_new_tokens: int = 128,
+    batch_size: int = 32,
+    max_source_length: int | None = None,
+    device: torch.device | str | None = None,
+    postprocess=None,
+    show_progress: bool = True,
+    desc: str = "translate",
+    **generate_kwargs,
+) -> list[list[str]]:
+    """The ``num_return_sequences`` best translations of each source (beam search's ranking, best first), as
+    :func:`translate` batches and decodes them; ``num_return_sequences <= num_beams``."""
     from tqdm.auto import tqdm
 
     config = getattr(model, "config", None)
@@ -366,6 +392,10 @@ def translate(
         raise InvalidValueError("translate needs an encoder-decoder model (config.is_encoder_decoder=True)")
     if batch_size < 1:
         raise InvalidValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= num_return_sequences <= num_beams:
+        raise InvalidValueError(
+            f"num_return_sequences must be between 1 and num_beams ({num_beams}), got {num_return_sequences}"
+        )
     texts = _source_texts(sources)
     if max_source_length is None:
         max_source_length = getattr(config, "max_position_embeddings", None)
@@ -374,7 +404,7 @@ def translate(
 
     lengths = [len(t.split()) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    outputs: list[str | None] = [None] * len(texts)
+    outputs: list[list[str] | None] = [None] * len(texts)
     was_training = model.training
     model.eval()
     try:
@@ -393,13 +423,14 @@ def translate(
                 input_ids=enc["input_ids"].to(device),
                 attention_mask=enc["attention_mask"].to(device),
                 num_beams=num_beams,
+                num_return_sequences=num_return_sequences,
                 max_new_tokens=max_new_tokens,
                 **generate_kwargs,
             )
             decoded = tokenizer.batch_decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            for i, text in zip(idx, decoded):
-                text = text.strip()
-                outputs[i] = postprocess(text) if postprocess is not None else text
+            for j, i in enumerate(idx):
+                candidates = [text.strip() for text in decoded[j * num_return_sequences : (j + 1) * num_return_sequences]]
+                outputs[i] = [postprocess(text) for text in candidates] if postprocess is not None else candidates
     finally:
         model.train(was_training)
     return outputs  # type: ignore[return-value]

@@ -287,7 +287,12 @@ def load_parallel_corpus(data_args: DataArguments):
     if data_args.dataset == "multi30k":
         corpus = load_multi30k(resolve_data_dir(data_args), tokenized=data_args.pretokenized, **languages)
     else:
-        corpus = load_translation_splits(dataset_path(data_args), data_args.source_lang, data_args.target_lang)
+        from seqkd.sequence_kd import check_complete
+
+        path = dataset_path(data_args)
+        if os.path.isdir(path):
+            check_complete(path)  # a distill-data folder still being written is not a corpus yet
+        corpus = load_translation_splits(path, data_args.source_lang, data_args.target_lang)
     if data_args.max_train_examples is not None:
         corpus["train"] = corpus["train"].select(range(min(data_args.max_train_examples, len(corpus["train"]))))
     return corpus

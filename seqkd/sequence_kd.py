@@ -1,0 +1,331 @@
+"""Sequence-level distillation data (Kim & Rush, EMNLP 2016): the training set re-targeted by a teacher.
+
+``seqkd distill-data`` decodes every training source with the teacher and writes a parallel corpus that
+``--dataset`` reads like any other (``train.{src,tgt}``, ``validation.*`` and ``test.*`` copied unchanged):
+
+- ``seq_kd``: the teacher's best beam hypothesis (Seq-KD);
+- ``seq_inter``: among the teacher's K best, the one closest to the reference by sentence-level BLEU (smoothed)
+  or chrF (Seq-Inter).
+
+Training on it is ``seqkd train --dataset D`` (Seq-KD: plain CE on the teacher's outputs) or
+``seqkd distill --dataset D`` (Seq-KD + Word-KD). Decoding is done shard by shard (a fixed range of sources,
+length-sorted into batches inside it); each shard is written to a ``.partial`` file, renamed, then listed with
+its sha256 in ``distill_manifest.json``, so an interrupted run continues from its last whole shard and ends with
+the same bytes. The split files appear only once every shard is written; a reader refuses a folder whose
+manifest is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from seqkd.errors import InvalidValueError, MissingInputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "distill_manifest.json"
+SHARD_DIR = "shards"
+METHODS = ("seq_kd", "seq_inter")
+SELECT_METRICS = ("bleu", "chrf")
+
+
+@dataclass
+class DistillDataArguments:
+    """How ``seqkd distill-data`` decodes the training set and which pairs it keeps."""
+
+    method: str = field(
+        default="seq_kd",
+        metadata={
+            "help": "'seq_kd' (the teacher's best beam hypothesis) or 'seq_inter' (of its num_return_sequences best, "
+            "the closest to the reference by select_metric).",
+            "choices": list(METHODS),
+        },
+    )
+    num_beams: int = field(default=5, metadata={"help": "Beam size of the teacher's decoding (1 = greedy)."})
+    num_return_sequences: int | None = field(
+        default=None,
+        metadata={"help": "seq_inter: how many of the beam's best hypotheses to choose from (Kim & Rush: 35); "
+                  "default num_beams. At most num_beams."},  # fmt: skip
+    )
+    select_metric: str = field(
+        default="bleu",
+        metadata={"help": "seq_inter: sentence-level 'bleu' (sacreBLEU, exponential smoothing) or 'chrf' against "
+                  "the reference.", "choices": list(SELECT_METRICS)},  # fmt: skip
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest hypothesis the teacher may write."})
+    shard_sentences: int = field(
+        default=2000, metadata={"help": "Sources per shard: the unit an interrupted run resumes from."}
+    )
+    drop_empty: bool = field(default=True, metadata={"help": "Drop pairs whose hypothesis is empty."})
+    max_length_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Drop pairs whose hypothesis is more than this many times longer or shorter than the "
+                  "source (in whitespace tokens), e.g. 3."},  # fmt: skip
+    )
+    max_ngram_repeats: int | None = field(
+        default=None,
+        metadata={"help": "Drop pairs whose hypothesis repeats one n-gram (of repeat_ngram_size words) more than "
+                  "this many times: the teacher's degenerate loops."},  # fmt: skip
+    )
+    repeat_ngram_size: int = field(default=3, metadata={"help": "The n of max_ngram_repeats."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise InvalidValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise InvalidValueError(f"select_metric must be 'bleu' or 'chrf', got {self.select_metric!r}")
+        if self.num_beams < 1:
+            raise InvalidValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        k = self.candidates
+        if k < 1:
+            raise InvalidValueError(f"num_return_sequences (K) must be >= 1, got {k}")
+        if k > self.num_beams:
+            raise InvalidValueError(
+                f"num_return_sequences (K = {k}) must be <= num_beams ({self.num_beams}): beam search returns at most "
+                "its beam; raise num_beams"
+            )
+        if self.max_new_tokens < 1:
+            raise InvalidValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.shard_sentences < 1:
+            raise InvalidValueError(f"shard_sentences must be >= 1, got {self.shard_sentences}")
+        if self.max_length_ratio is not None and self.max_length_ratio < 1:
+            raise InvalidValueError(f"max_length_ratio must be >= 1, got {self.max_length_ratio}")
+        if self.max_ngram_repeats is not None and self.max_ngram_repeats < 1:
+            raise InvalidValueError(f"max_ngram_repeats must be >= 1, got {self.max_ngram_repeats}")
+        if self.repeat_ngram_size < 1:
+            raise InvalidValueError(f"repeat_ngram_size must be >= 1, got {self.repeat_ngram_size}")
+
+    @property
+    def candidates(self) -> int:
+        """K: hypotheses decoded per source (1 for seq_kd)."""
+        if self.method == "seq_kd":
+            return 1
+        return self.num_beams if self.num_return_sequences is None else self.num_return_sequences
+
+
+# --------------------------------------------------------------------------------------------------------
+# Choosing and filtering hypotheses.
+
+
+def select_closest(candidates: list[str], reference: str, *, metric: str = "bleu", tokenize: str = "13a") -> int:
+    """The index of the candidate with the highest sentence-level score against ``reference`` (the first, i.e. the
+    beam's better-ranked one, among equals): Seq-Inter's choice."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if not candidates:
+        raise InvalidValueError("select_closest needs at least one candidate")
+    scorer = BLEU(tokenize=tokenize, effective_order=True) if metric == "bleu" else CHRF()
+    scores = [scorer.sentence_score(candidate, [reference]).score for candidate in candidates]
+    return max(range(len(candidates)), key=lambda i: (scores[i], -i))
+
+
+def drop_reason(source: str, hypothesis: str, args: DistillDataArguments) -> str | None:
+    """Why a (source, hypothesis) pair is filtered out, or None to keep it."""
+    words = hypothesis.split()
+    if not words:
+        return "empty" if args.drop_empty else None
+    if args.max_length_ratio is not None:
+        ratio = len(words) / max(len(source.split()), 1)
+        if ratio > args.max_length_ratio or ratio < 1 / args.max_length_ratio:
+            return "length_ratio"
+    if args.max_ngram_repeats is not None:
+        n = args.repeat_ngram_size
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        if counts and max(counts.values()) > args.max_ngram_repeats:
+            return "repeated_ngram"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _text_sha256(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _write_lines_atomically(path: str, lines: list[str]) -> None:
+    try:
+        with open(path + ".partial", "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+    except BaseException:
+        if os.path.exists(path + ".partial"):
+            os.remove(path + ".partial")
+        raise
+    os.replace(path + ".partial", path)
+
+
+def _one_line(text: str) -> str:
+    # A hypothesis is one line of the corpus: a newline inside it would shift every later pair.
+    return " ".join(text.split())
+
+
+def write_distilled_data(
+    teacher,
+    tokenizer,
+    corpus,
+    output_dir: str,
+    args: DistillDataArguments,
+    *,
+    source_lang: str,
+    target_lang: str,
+    batch_size: int = 32,
+    bleu_tokenize: str = "13a",
+    device=None,
+    show_progress: bool = True,
+) -> dict:
+    """Decode ``corpus['train']`` with ``teacher`` and write the distilled corpus to ``output_dir``.
+
+    Args:
+        teacher: an encoder-decoder with ``generate``; ``tokenizer`` its tokenizer.
+        corpus: a ``DatasetDict`` with ``source`` / ``target`` columns (:func:`seqkd.pipeline.load_parallel_corpus`);
+            ``validation`` and ``test``, when present, are copied unchanged.
+        bleu_tokenize: sacreBLEU's tokenizer for Seq-Inter's sentence BLEU ('none' for pretokenized text).
+    Returns:
+        The manifest: method, decoding settings, teacher and data fingerprints, shards with sha256, counts.
+    """
+    from tqdm.auto import tqdm
+
+    from seqkd.evaluation import translate_n_best
+    from seqkd.teacher_cache import _file_sha256, _whole_shards, _write_json_atomically, model_fingerprint, tokenizer_fingerprint
+
+    if not getattr(getattr(teacher, "config", None), "is_encoder_decoder", False) or not hasattr(teacher, "generate"):
+        raise InvalidValueError(
+            f"distill-data decodes translations: the teacher must be an encoder-decoder with generate(), got "
+            f"{type(teacher).__name__}"
+        )
+    if "train" not in corpus:
+        raise InvalidValueError(f"the corpus has no 'train' split to distil; it has {sorted(corpus)}")
+    sources = [str(s) for s in corpus["train"]["source"]]
+    references = [str(t) for t in corpus["train"]["target"]]
+    identity = {
+        "format": 1,
+        "method": args.method,
+        "num_beams": args.num_beams,
+        "num_return_sequences": args.candidates,
+        "select_metric": args.select_metric if args.method == "seq_inter" else None,
+        "bleu_tokenize": bleu_tokenize if args.method == "seq_inter" else None,
+        "max_new_tokens": args.max_new_tokens,
+        "shard_sentences": args.shard_sentences,
+        "source_lang": source_lang,
+        "target_lang": target_lang,
+        "teacher": model_fingerprint(teacher),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "sources": _text_sha256(sources),
+        "references": _text_sha256(references),
+    }
+    manifest_path = os.path.join(output_dir, MANIFEST_FILE)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise InvalidValueError(f"output_dir {output_dir!r} is a file: name a folder for the distilled data")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not os.path.isfile(manifest_path):
+        raise InvalidValueError(
+            f"output_dir {output_dir!r} holds other files and no {MANIFEST_FILE}: distilled data goes to an empty or "
+            "new folder (or to the folder of an interrupted distill-data run, to finish it)"
+        )
+    os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
+    num_shards = max(1, -(-len(sources) // args.shard_sentences))
+    manifest = {**identity, "num_shards": num_shards, "shards": [], "complete": False}
+    if os.path.isfile(manifest_path):
+        existing = _read_manifest(output_dir)
+        changed = sorted(key for key in identity if existing.get(key) != identity[key])
+        if changed:
+            raise InvalidValueError(
+                f"{output_dir} holds distilled data written with other settings or another teacher or corpus "
+                f"(differs in {', '.join(changed)}): use a new output_dir, or rerun with the settings it was "
+                "started with"
+            )
+        if existing.get("complete"):
+            logger.info("distilled data in %s is complete, nothing to do", output_dir)
+            return existing
+        manifest["shards"] = _whole_shards(output_dir, existing.get("shards", []))
+        if manifest["shards"]:
+            logger.warning("resuming distill-data in %s after %d of %d shards", output_dir, len(manifest["shards"]), num_shards)
+    for name in os.listdir(os.path.join(output_dir, SHARD_DIR)):
+        if name.endswith(".partial"):
+            os.remove(os.path.join(output_dir, SHARD_DIR, name))
+    _write_json_atomically(manifest_path, manifest)
+
+    started, decoded = time.perf_counter(), 0
+    done = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
+    progress = tqdm(total=len(sources), initial=done, desc="distill-data", disable=not show_progress, unit="sent")
+    for index in range(len(manifest["shards"]), num_shards):
+        start, stop = index * args.shard_sentences, min((index + 1) * args.shard_sentences, len(sources))
+        n_best = translate_n_best(
+            teacher, tokenizer, sources[start:stop], num_beams=args.num_beams, num_return_sequences=args.candidates,
+            max_new_tokens=args.max_new_tokens, batch_size=batch_size, device=device, show_progress=False,
+        )  # fmt: skip
+        hypotheses = []
+        for candidates, reference in zip(n_best, references[start:stop]):
+            chosen = 0
+            if args.method == "seq_inter":
+                chosen = select_closest(candidates, reference, metric=args.select_metric, tokenize=bleu_tokenize)
+            hypotheses.append(_one_line(candidates[chosen]))
+        name = os.path.join(SHARD_DIR, f"shard-{index:05d}.{target_lang}")
+        path = os.path.join(output_dir, name)
+        _write_lines_atomically(path, hypotheses)
+        manifest["shards"].append(
+            {"file": name, "start": start, "stop": stop, "bytes": os.path.getsize(path), "sha256": _file_sha256(path)}
+        )
+        _write_json_atomically(manifest_path, manifest)
+        decoded += stop - start
+        progress.update(stop - start)
+    progress.close()
+    elapsed = time.perf_counter() - started
+
+    hypotheses = []
+    for shard in manifest["shards"]:
+        with open(os.path.join(output_dir, shard["file"]), encoding="utf-8") as f:
+            hypotheses += f.read().split("\n")[:-1]
+    kept_sources, kept_targets, dropped = [], [], Counter()
+    for source, hypothesis in zip(sources, hypotheses):
+        reason = drop_reason(source, hypothesis, args)
+        if reason is None:
+            kept_sources.append(source)
+            kept_targets.append(hypothesis)
+        else:
+            dropped[reason] += 1
+    if not kept_targets:
+        raise InvalidValueError(f"every one of the {len(sources)} distilled pairs was filtered out ({dict(dropped)}): loosen the filters")
+    _write_lines_atomically(os.path.join(output_dir, f"train.{source_lang}"), kept_sources)
+    _write_lines_atomically(os.path.join(output_dir, f"train.{target_lang}"), kept_targets)
+    for split in ("validation", "test"):
+        if split in corpus:
+            for lang, column in ((source_lang, "source"), (target_lang, "target")):
+                _write_lines_atomically(os.path.join(output_dir, f"{split}.{lang}"), [str(x) for x in corpus[split][column]])
+    manifest.update(
+        complete=True,
+        counts={"sources": len(sources), "kept": len(kept_targets), "dropped": dict(dropped)},
+        decoding={"sentences": decoded, "seconds": round(elapsed, 2),
+                  "sentences_per_second": round(decoded / elapsed, 2) if decoded and elapsed > 0 else None},
+    )  # fmt: skip
+    _write_json_atomically(manifest_path, manifest)
+    return manifest
+
+
+def _read_manifest(output_dir: str) -> dict:
+    import json
+
+    with open(os.path.join(output_dir, MANIFEST_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_complete(dataset_dir: str) -> None:
+    """Refuse a distilled-data folder whose ``distill-data`` run has not finished (its split files would be missing
+    or stale). Folders without a distill manifest are ordinary corpora and pass."""
+    if not os.path.isfile(os.path.join(dataset_dir, MANIFEST_FILE)):
+        return
+    manifest = _read_manifest(dataset_dir)
+    if not manifest.get("complete"):
+        done = len(manifest.get("shards", []))
+        raise MissingInputError(
+            f"distilled data in {dataset_dir} is incomplete ({done} of {manifest.get('num_shards', '?')} shards): "
+            "run the same `seqkd distill-data` command again to finish it"
+        )
+
+
+__all__ = ["DistillDataArguments", "check_complete", "drop_reason", "select_closest", "write_distilled_data"]

@@ -1,0 +1,169 @@
+"""Sequence-level distillation data: `seqkd distill-data` (Seq-KD, Seq-Inter), resuming, filters, bad inputs."""
+
+import json
+import os
+import shutil
+
+import pytest
+import sacrebleu
+from test_translation_cli import parallel_dir, recipe  # noqa: F401  (fixtures)
+from transformers import AutoTokenizer
+
+from seqkd.cli import main
+from seqkd.evaluation import translate, translate_n_best
+from seqkd.pipeline import load_saved_model
+from seqkd.sequence_kd import DistillDataArguments, drop_reason, select_closest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(*argv):
+    return main([str(a) for a in argv] + ["--debug"])
+
+
+@pytest.fixture(scope="module")
+def teacher(recipe, tmp_path_factory):  # noqa: F811
+    """A briefly trained translation teacher (its outputs need not be good, only its own)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run("train", recipe, "--output_dir", out, "--num_train_epochs", "1", "--max_train_examples", "200")
+    return out / "model"
+
+
+def distill_argv(recipe, teacher, out, *extra):  # noqa: F811
+    return ["distill-data", recipe, "--teacher_model_name_or_path", teacher, "--output_dir", out,
+            "--max_train_examples", "60", "--per_device_eval_batch_size", "8", "--max_new_tokens", "12",
+            "--drop_empty", "false", *extra]  # fmt: skip
+
+
+def read(path):
+    return path.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_seq_kd_targets_are_the_teachers_own_outputs(recipe, parallel_dir, teacher, tmp_path, num_beams):  # noqa: F811
+    out = tmp_path / "seq_kd"
+    run(*distill_argv(recipe, teacher, out, "--num_beams", num_beams, "--shard_sentences", "25"))
+    sources = read(parallel_dir / "train.de")[:60]
+    assert read(out / "train.de") == sources
+    model, tokenizer = load_saved_model(str(teacher)), AutoTokenizer.from_pretrained(teacher)
+    expected = translate(model, tokenizer, sources, num_beams=num_beams, max_new_tokens=12, batch_size=8, show_progress=False)
+    assert read(out / "train.en") == expected
+    # The other splits are copied unchanged; the manifest records what was done.
+    assert read(out / "validation.en") == read(parallel_dir / "val.en")
+    assert read(out / "test.de") == read(parallel_dir / "test.de")
+    manifest = json.loads((out / "distill_manifest.json").read_text())
+    assert manifest["complete"] and manifest["method"] == "seq_kd" and manifest["num_beams"] == num_beams
+    assert manifest["num_shards"] == 3 and all(len(shard["sha256"]) == 64 for shard in manifest["shards"])
+    assert manifest["counts"] == {"sources": 60, "kept": 60, "dropped": {}}
+
+
+def test_seq_inter_picks_the_candidate_with_the_best_sentence_bleu():
+    reference = "the cat sat on the mat"
+    candidates = ["a dog ran", "the cat sat on a mat", "the cat sat on the mat today", "cat"]
+    scores = [sacrebleu.sentence_bleu(c, [reference]).score for c in candidates]
+    assert select_closest(candidates, reference) == max(range(4), key=scores.__getitem__) == 2
+    chrf = [sacrebleu.sentence_chrf(c, [reference]).score for c in candidates]
+    assert select_closest(candidates, reference, metric="chrf") == max(range(4), key=chrf.__getitem__)
+    assert select_closest(["same", "same"], "same") == 0  # ties go to the beam's better-ranked hypothesis
+
+
+def test_seq_inter_writes_the_closest_of_the_k_best(recipe, parallel_dir, teacher, tmp_path):  # noqa: F811
+    out = tmp_path / "seq_inter"
+    run(*distill_argv(recipe, teacher, out, "--method", "seq_inter", "--num_beams", "4", "--num_return_sequences", "3"))
+    sources, references = read(parallel_dir / "train.de")[:60], read(parallel_dir / "train.en")[:60]
+    model, tokenizer = load_saved_model(str(teacher)), AutoTokenizer.from_pretrained(teacher)
+    n_best = translate_n_best(model, tokenizer, sources, num_beams=4, num_return_sequences=3, max_new_tokens=12,
+                              batch_size=8, show_progress=False)  # fmt: skip
+    expected = [c[select_closest(c, r, tokenize="none")] for c, r in zip(n_best, references)]
+    assert read(out / "train.en") == [" ".join(e.split()) for e in expected]
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(recipe, teacher, tmp_path, monkeypatch):  # noqa: F811
+    import seqkd.sequence_kd as sequence_kd
+
+    argv = distill_argv(recipe, teacher, tmp_path / "whole", "--num_beams", "2", "--shard_sentences", "20")
+    run(*argv)
+    original, calls = sequence_kd._write_lines_atomically, []
+
+    def dies_on_second_shard(path, lines):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while writing a shard")
+        original(path, lines)
+
+    monkeypatch.setattr(sequence_kd, "_write_lines_atomically", dies_on_second_shard)
+    argv = distill_argv(recipe, teacher, tmp_path / "resumed", "--num_beams", "2", "--shard_sentences", "20")
+    with pytest.raises(KeyboardInterrupt):
+        run(*argv)
+    resumed = tmp_path / "resumed"
+    assert not (resumed / "train.en").exists()
+    with pytest.raises(FileNotFoundError, match=r"incomplete \(1 of 3 shards\)"):  # not yet a corpus
+        run("train", recipe, "--dataset", resumed, "--output_dir", tmp_path / "student", "--max_steps", "1")
+    monkeypatch.setattr(sequence_kd, "_write_lines_atomically", original)
+    run(*argv)
+    for name in ("train.de", "train.en", "shards/shard-00001.en", "shards/shard-00002.en"):
+        assert (resumed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_student_trains_on_the_distilled_data(recipe, teacher, tmp_path):  # noqa: F811
+    out = tmp_path / "data"
+    run(*distill_argv(recipe, teacher, out, "--num_beams", "1"))
+    student = tmp_path / "student"
+    run("train", recipe, "--dataset", out, "--output_dir", student, "--max_steps", "3", "--tokenizer", teacher)
+    run("distill", recipe, "--dataset", out, "--output_dir", tmp_path / "word-kd", "--max_steps", "3", "--loss", "kd",
+        "--teacher_model_name_or_path", teacher)  # fmt: skip
+    assert (student / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "word-kd" / "model" / "model.safetensors").is_file()
+
+
+def test_filters():
+    args = DistillDataArguments(max_length_ratio=2.0, max_ngram_repeats=2, repeat_ngram_size=2)
+    assert drop_reason("a b c", "", args) == "empty"
+    assert drop_reason("a b c", "x y z", args) is None
+    assert drop_reason("a b c", "x y z w v u t", args) == "length_ratio"
+    assert drop_reason("a b c d e f", "x", args) == "length_ratio"
+    assert drop_reason("a b c d e f g h", "x y x y x y", args) == "repeated_ngram"
+    assert drop_reason("a b c", "", DistillDataArguments(drop_empty=False)) is None
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(method="seq_inter", num_beams=5, num_return_sequences=0), "num_return_sequences \\(K\\) must be >= 1, got 0"),
+        (dict(method="seq_inter", num_beams=2, num_return_sequences=3), "must be <= num_beams \\(2\\)"),
+        (dict(num_beams=0), "num_beams must be >= 1, got 0"),
+        (dict(max_length_ratio=0.5), "max_length_ratio must be >= 1, got 0.5"),
+    ],
+    ids=["k-zero", "k-above-beam", "no-beam", "ratio"],
+)
+def test_bad_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DistillDataArguments(**fields)
+
+
+def test_bad_teachers_and_folders_are_refused(recipe, teacher, tmp_path, cyclic_corpus_dir):  # noqa: F811
+    # A language model cannot translate.
+    lm = tmp_path / "lm"
+    main(["train", "--model", "lstm", "--dataset", str(cyclic_corpus_dir), "--output_dir", str(lm), "--max_steps", "2",
+          "--loss", "ce", "--use_cpu", "true", "--report_to", "none", "--model_config", '{"hidden_size": 8, "embedding_size": 8, "num_layers": 1}'])  # fmt: skip
+    with pytest.raises(ValueError, match="the teacher must be an encoder-decoder with generate"):
+        run(*distill_argv(recipe, lm / "model", tmp_path / "x"))
+    # A folder holding other data.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files and no distill_manifest.json"):
+        run(*distill_argv(recipe, teacher, other))
+    # Data written by other settings is not continued with these.
+    done = tmp_path / "done"
+    run(*distill_argv(recipe, teacher, done, "--num_beams", "1"))
+    with pytest.raises(ValueError, match="differs in num_beams"):
+        run(*distill_argv(recipe, teacher, done, "--num_beams", "2"))
+    # A teacher folder without its tokenizer.
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher, bare)
+    for name in os.listdir(bare):
+        if name.startswith("tokenizer"):
+            os.remove(bare / name)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        run(*distill_argv(recipe, bare, tmp_path / "y"))
