@@ -73,6 +73,17 @@ class DistillDataArguments:
                   "this many times: the teacher's degenerate loops."},  # fmt: skip
     )
     repeat_ngram_size: int = field(default=3, metadata={"help": "The n of max_ngram_repeats."})
+    add_original: bool = field(
+        default=False,
+        metadata={"help": "Also keep every original (source, reference) pair: two targets per source, the teacher's "
+                  "and the gold one."},  # fmt: skip
+    )
+    original_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Give this fraction of the sources (drawn with mix_seed) their reference instead of the "
+                  "teacher's hypothesis, e.g. 0.5."},  # fmt: skip
+    )
+    mix_seed: int = field(default=0, metadata={"help": "Seed of the draw of original_fraction."})
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -99,6 +110,13 @@ class DistillDataArguments:
             raise InvalidValueError(f"max_ngram_repeats must be >= 1, got {self.max_ngram_repeats}")
         if self.repeat_ngram_size < 1:
             raise InvalidValueError(f"repeat_ngram_size must be >= 1, got {self.repeat_ngram_size}")
+        if not 0 <= self.original_fraction <= 1:
+            raise InvalidValueError(f"original_fraction must be in [0, 1], got {self.original_fraction}")
+        if self.add_original and self.original_fraction > 0:
+            raise InvalidValueError(
+                "add_original (both targets for every source) and original_fraction (one or the other) exclude each "
+                "other: choose one"
+            )
 
     @property
     def candidates(self) -> int:
@@ -218,6 +236,9 @@ def write_distilled_data(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": _text_sha256(sources),
         "references": _text_sha256(references),
+        "filters": {key: getattr(args, key) for key in ("drop_empty", "max_length_ratio", "max_ngram_repeats",
+                                                         "repeat_ngram_size")},
+        "mix": {key: getattr(args, key) for key in ("add_original", "original_fraction", "mix_seed")},
     }
     manifest_path = os.path.join(output_dir, MANIFEST_FILE)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -282,13 +303,21 @@ def write_distilled_data(
         with open(os.path.join(output_dir, shard["file"]), encoding="utf-8") as f:
             hypotheses += f.read().split("\n")[:-1]
     kept_sources, kept_targets, dropped = [], [], Counter()
-    for source, hypothesis in zip(sources, hypotheses):
+    gold = _sources_given_their_reference(len(sources), args.original_fraction, args.mix_seed)
+    for i, (source, hypothesis, reference) in enumerate(zip(sources, hypotheses, references)):
+        if i in gold:
+            kept_sources.append(source)
+            kept_targets.append(reference)
+            continue
         reason = drop_reason(source, hypothesis, args)
         if reason is None:
             kept_sources.append(source)
             kept_targets.append(hypothesis)
         else:
             dropped[reason] += 1
+        if args.add_original:
+            kept_sources.append(source)
+            kept_targets.append(reference)
     if not kept_targets:
         raise InvalidValueError(f"every one of the {len(sources)} distilled pairs was filtered out ({dict(dropped)}): loosen the filters")
     _write_lines_atomically(os.path.join(output_dir, f"train.{source_lang}"), kept_sources)
@@ -299,12 +328,19 @@ def write_distilled_data(
                 _write_lines_atomically(os.path.join(output_dir, f"{split}.{lang}"), [str(x) for x in corpus[split][column]])
     manifest.update(
         complete=True,
-        counts={"sources": len(sources), "kept": len(kept_targets), "dropped": dict(dropped)},
+        counts={"sources": len(sources), "pairs": len(kept_targets), "original_targets": len(gold) + (
+            len(sources) if args.add_original else 0), "dropped": dict(dropped)},
         decoding={"sentences": decoded, "seconds": round(elapsed, 2),
                   "sentences_per_second": round(decoded / elapsed, 2) if decoded and elapsed > 0 else None},
     )  # fmt: skip
     _write_json_atomically(manifest_path, manifest)
     return manifest
+
+
+def _sources_given_their_reference(count: int, fraction: float, seed: int) -> set[int]:
+    import random
+
+    return set(random.Random(seed).sample(range(count), round(fraction * count))) if fraction > 0 else set()
 
 
 def _read_manifest(output_dir: str) -> dict:

@@ -54,7 +54,7 @@ def test_seq_kd_targets_are_the_teachers_own_outputs(recipe, parallel_dir, teach
     manifest = json.loads((out / "distill_manifest.json").read_text())
     assert manifest["complete"] and manifest["method"] == "seq_kd" and manifest["num_beams"] == num_beams
     assert manifest["num_shards"] == 3 and all(len(shard["sha256"]) == 64 for shard in manifest["shards"])
-    assert manifest["counts"] == {"sources": 60, "kept": 60, "dropped": {}}
+    assert manifest["counts"] == {"sources": 60, "pairs": 60, "original_targets": 0, "dropped": {}}
 
 
 def test_seq_inter_picks_the_candidate_with_the_best_sentence_bleu():
@@ -116,6 +116,24 @@ def test_a_student_trains_on_the_distilled_data(recipe, teacher, tmp_path):  # n
     assert (tmp_path / "word-kd" / "model" / "model.safetensors").is_file()
 
 
+def test_original_targets_can_be_mixed_in(recipe, parallel_dir, teacher, tmp_path):  # noqa: F811
+    sources, references = read(parallel_dir / "train.de")[:60], read(parallel_dir / "train.en")[:60]
+    run(*distill_argv(recipe, teacher, tmp_path / "plain", "--num_beams", "1"))
+    hypotheses = read(tmp_path / "plain" / "train.en")
+    run(*distill_argv(recipe, teacher, tmp_path / "both", "--num_beams", "1", "--add_original", "true"))
+    assert read(tmp_path / "both" / "train.de") == [s for s in sources for _ in range(2)]
+    assert read(tmp_path / "both" / "train.en") == [t for pair in zip(hypotheses, references) for t in pair]
+    run(*distill_argv(recipe, teacher, tmp_path / "half", "--num_beams", "1", "--original_fraction", "0.5"))
+    targets = read(tmp_path / "half" / "train.en")
+    assert read(tmp_path / "half" / "train.de") == sources
+    gold = [i for i, (t, h, r) in enumerate(zip(targets, hypotheses, references)) if t == r and t != h]
+    assert all(t in (h, r) for t, h, r in zip(targets, hypotheses, references))
+    counts = json.loads((tmp_path / "half" / "distill_manifest.json").read_text())["counts"]
+    assert counts["original_targets"] == 30 and len(gold) <= 30
+    with pytest.raises(ValueError, match="differs in mix"):  # the mix is part of what a folder holds
+        run(*distill_argv(recipe, teacher, tmp_path / "half", "--num_beams", "1", "--original_fraction", "0.25"))
+
+
 def test_filters():
     args = DistillDataArguments(max_length_ratio=2.0, max_ngram_repeats=2, repeat_ngram_size=2)
     assert drop_reason("a b c", "", args) == "empty"
@@ -133,8 +151,10 @@ def test_filters():
         (dict(method="seq_inter", num_beams=2, num_return_sequences=3), "must be <= num_beams \\(2\\)"),
         (dict(num_beams=0), "num_beams must be >= 1, got 0"),
         (dict(max_length_ratio=0.5), "max_length_ratio must be >= 1, got 0.5"),
+        (dict(original_fraction=1.5), "original_fraction must be in \\[0, 1\\], got 1.5"),
+        (dict(add_original=True, original_fraction=0.5), "exclude each other"),
     ],
-    ids=["k-zero", "k-above-beam", "no-beam", "ratio"],
+    ids=["k-zero", "k-above-beam", "no-beam", "ratio", "fraction", "both-mixes"],
 )
 def test_bad_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
