@@ -187,3 +187,20 @@ def test_bad_teachers_and_folders_are_refused(recipe, teacher, tmp_path, cyclic_
             os.remove(bare / name)
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
         run(*distill_argv(recipe, bare, tmp_path / "y"))
+
+
+def test_the_decoding_benchmark_prints_its_table(recipe, teacher):  # noqa: F811
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_decoding.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(recipe), "--teacher", str(teacher), "--student", "marian-tiny",
+         "--sentences", "16", "--length", "4", "--batch_size", "8", "--beams", "1,2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| teacher:") or line.startswith("| student:")]
+    assert len(rows) == 4 and all(row.endswith("x |") for row in rows)
+    assert "| greedy |" in rows[0] and "| beam 2 |" in rows[2] and rows[0].endswith("| 1.00x |")
