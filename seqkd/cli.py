@@ -244,7 +244,7 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
 
 def command_cache_teacher(argv: list[str]) -> dict:
     from seqkd.data.text import StreamBatches
-    from seqkd.teacher_cache import cache_teacher
+    from seqkd.teacher_cache import cache_teacher, cached_positions
     from seqkd.trainer import load_teacher
 
     model_args, data_args, args, cache_args = parse_command_line("cache-teacher", argv)
@@ -256,15 +256,14 @@ def command_cache_teacher(argv: list[str]) -> dict:
     check_model_folder(teacher_path, allow_pickle=args.allow_pickle_weights, what="teacher")
     if os.path.exists(args.teacher_cache) and not os.path.isdir(args.teacher_cache):
         raise InvalidValueError(f"teacher_cache {args.teacher_cache!r} is a file: name a folder for the cache")
-    if is_translation(data_args, model_args):
-        raise InvalidValueError("seqkd cache-teacher caches language-model teachers; distil translation models online")
+    translation = is_translation(data_args, model_args)
     # The training set exactly as `seqkd distill` with this recipe will build it (the student decides the batching).
     pipeline = build_pipeline(model_args, data_args, args, teacher_path)
     tokenizer, train = pipeline.tokenizer, pipeline.train_dataset
     if isinstance(train, StreamBatches):
         train = train.with_num_processes(cache_args.cache_num_processes)
     teacher = load_teacher(
-        teacher_path, is_encoder_decoder=False, dtype=args.teacher_dtype, allow_pickle=args.allow_pickle_weights
+        teacher_path, is_encoder_decoder=translation, dtype=args.teacher_dtype, allow_pickle=args.allow_pickle_weights
     )
     manifest = cache_teacher(
         teacher, train, args.teacher_cache, top_k=cache_args.cache_top_k, dtype=cache_args.cache_dtype,
@@ -280,7 +279,7 @@ def command_cache_teacher(argv: list[str]) -> dict:
         "dtype": manifest["dtype"],
         "shards": len(manifest["shards"]),
         "bytes": stored,
-        "bytes_per_token": stored / max(layout["rows"] * layout["positions"], 1),
+        "bytes_per_token": stored / max(cached_positions(layout), 1),
     }
     print(json.dumps(summary, indent=2))
     return summary

@@ -123,7 +123,9 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
 def data_layout(dataset) -> tuple[dict, str]:
     """The cache layout a training set needs and its data fingerprint.
 
-    Stream batches: one row per stream of every process; fixed-length blocks: one row per block.
+    Stream batches: one row per stream of every process; fixed-length blocks: one row per block; tokenized
+    translation pairs (``input_ids`` and ``labels`` of any lengths): one row per pair, ``positions`` counting
+    every target token.
     """
     from seqkd.data.text import StreamBatches, token_fingerprint
 
@@ -135,10 +137,31 @@ def data_layout(dataset) -> tuple[dict, str]:
     blocks = _blocks(dataset)
     if blocks is not None:
         return {"kind": "blocks", "rows": blocks.shape[0], "positions": blocks.shape[1]}, token_fingerprint(blocks)
+    if {"input_ids", "labels"} <= set(columns):
+        return _pairs_layout(dataset)
     raise InvalidValueError(
-        f"a teacher cache covers language-model training data (StreamBatches or fixed-length blocks), got "
-        f"{type(dataset).__name__} with columns {columns}: distil translation and padded data from a live teacher"
+        f"a teacher cache covers StreamBatches, fixed-length blocks or tokenized translation pairs (input_ids and "
+        f"labels), got {type(dataset).__name__} with columns {columns}: distil other data from a live teacher"
     )
+
+
+def cached_positions(layout: dict) -> int:
+    """How many token positions a cache of this layout holds."""
+    # Pairs count their target tokens in total; streams and blocks per row.
+    return layout["positions"] if layout["kind"] == "pairs" else layout["rows"] * layout["positions"]
+
+
+def _pairs_layout(dataset) -> tuple[dict, str]:
+    import numpy as np
+
+    digest, positions = hashlib.sha256(b"pairs"), 0
+    for source, target in zip(dataset["input_ids"], dataset["labels"]):
+        source, target = np.asarray(source, dtype=np.int64), np.asarray(target, dtype=np.int64)
+        positions += int((target != -100).sum())
+        digest.update(np.asarray([len(source), len(target)], dtype=np.int64).tobytes())
+        digest.update(source.tobytes())
+        digest.update(target.tobytes())
+    return {"kind": "pairs", "rows": len(dataset), "positions": positions}, digest.hexdigest()
 
 
 def _blocks(dataset) -> torch.Tensor | None:
@@ -229,8 +252,12 @@ def cache_teacher(
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise InvalidValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {vocab_size} outputs")
     layout, data = data_layout(train_dataset)
-    if getattr(teacher.config, "is_encoder_decoder", False):
-        raise InvalidValueError("a teacher cache is written for language-model teachers; distil encoder-decoders online")
+    pairs = layout["kind"] == "pairs"
+    if pairs != bool(getattr(teacher.config, "is_encoder_decoder", False)):
+        raise InvalidValueError(
+            "translation pairs are cached from an encoder-decoder teacher, language-model data from a language model: "
+            f"got {type(teacher).__name__} for {layout['kind']} data"
+        )
     stream = layout["kind"] == "stream"
     stateful = is_stateful(teacher)
     # A stateless (Transformer) teacher on streams sees each BPTT window alone, as online distillation feeds it:
@@ -242,6 +269,9 @@ def cache_teacher(
         if teacher_window:
             positions_per_shard = max(teacher_window, positions_per_shard // teacher_window * teacher_window)
         num_shards = -(-layout["positions"] // positions_per_shard)
+    elif pairs:
+        rows_per_shard = max(1, shard_tokens * layout["rows"] // max(layout["positions"], 1))
+        num_shards = max(1, -(-layout["rows"] // rows_per_shard))
     else:
         rows_per_shard = max(1, shard_tokens // layout["positions"])
         num_shards = -(-layout["rows"] // rows_per_shard)
@@ -303,6 +333,14 @@ def cache_teacher(
                 state = tuple(f.get_tensor(k).to(device=device, dtype=dtype_of_state) for k in keys) or None
         # Logits of one window of every stream stay under ~256 MB (float32).
         window = teacher_window or max(1, min(positions_per_shard, (1 << 26) // (layout["rows"] * vocab_size)))
+    elif pairs:
+        from seqkd.data.translation import translation_collator
+
+        # The teacher's own decoder inputs (its decoder start token), batched and padded as training batches them.
+        collate = translation_collator(tokenizer, teacher) if tokenizer is not None else None
+        if collate is None:
+            raise InvalidValueError("caching translation pairs needs the teacher's tokenizer (its pad token): pass tokenizer=")
+        rows_of_pairs = train_dataset.with_format(None)
     else:
         blocks = _blocks(train_dataset)
     total = layout["positions"] if stream else layout["rows"]
@@ -326,6 +364,22 @@ def cache_teacher(
                 tensors = {key: torch.cat([p[key] for p in parts], dim=1).contiguous() for key in parts[0]}
                 for i, s in enumerate(state or ()):
                     tensors[f"state.{i}"] = s.float().cpu().contiguous()
+            elif pairs:
+                start, stop = index * rows_per_shard, min((index + 1) * rows_per_shard, layout["rows"])
+                lengths = []
+                for a in range(start, stop, batch_size):
+                    b = min(a + batch_size, stop)
+                    rows = [{key: rows_of_pairs[i][key] for key in ("input_ids", "attention_mask", "labels")
+                             if key in rows_of_pairs.column_names} for i in range(a, b)]  # fmt: skip
+                    batch = collate(rows)
+                    labels = batch.pop("labels")
+                    logits = teacher(**{key: value.to(device) for key, value in batch.items()}).logits
+                    keep = labels.ne(-100)
+                    parts.append(_top_k(logits[keep.to(device)], top_k, value_dtype, id_dtype))
+                    lengths += keep.sum(dim=1).tolist()
+                    progress.update(b - a)
+                tensors = {key: torch.cat([p[key] for p in parts], dim=0).contiguous() for key in parts[0]}
+                tensors["offsets"] = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
             else:
                 start, stop = index * rows_per_shard, min((index + 1) * rows_per_shard, layout["rows"])
                 for a in range(start, stop, batch_size):
@@ -413,7 +467,7 @@ class TeacherCache:
     @property
     def bytes_per_token(self) -> float:
         """Stored bytes (shards) per cached position."""
-        positions = self.layout["rows"] * self.layout["positions"]
+        positions = cached_positions(self.layout)
         return sum(shard["bytes"] for shard in self.manifest["shards"]) / max(positions, 1)
 
     def check_matches(self, train_dataset, *, tokenizer=None, vocab_size: int | None = None, teacher=None) -> None:
@@ -476,10 +530,19 @@ class TeacherCache:
         row = index - self._starts[shard]
         return _as_teacher_batch({key: self._read(shard, key, row) for key in ("ids", "logprobs", "residual")})
 
+    def pair_rows(self, index: int) -> dict[str, torch.Tensor]:
+        """Translation pair ``index``: ``[target tokens, k]`` (residual ``[target tokens]``)."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        row = index - self._starts[shard]
+        a, b = self._read(shard, "offsets", slice(row, row + 2)).tolist()
+        return _as_teacher_batch({key: self._read(shard, key, slice(a, b)) for key in ("ids", "logprobs", "residual")})
+
     def attach(self, train_dataset) -> Dataset:
         """``train_dataset`` whose items also carry the cached teacher outputs under :data:`TEACHER_KEYS`."""
         if self.layout["kind"] == "stream":
             return CachedStreamBatches(train_dataset, self)
+        if self.layout["kind"] == "pairs":
+            return CachedPairs(train_dataset, self)
         return CachedBlocks(train_dataset, self)
 
 
@@ -522,7 +585,51 @@ class CachedBlocks(Dataset):
         return {**self.blocks[i], **self.cache.block_rows(i)}
 
 
+class CachedPairs(Dataset):
+    """Tokenized translation pairs with each pair's cached teacher outputs (one row per target token) added;
+    :class:`PadCachedTeacher` pads them in a batch as the collator pads the labels."""
+
+    def __init__(self, pairs, cache: TeacherCache):
+        self.pairs, self.cache = pairs, cache
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.pairs[i], **self.cache.pair_rows(i)}
+
+
+class PadCachedTeacher:
+    """Wraps a translation collator: the cached teacher rows of a batch are padded to its labels' length. Padded
+    positions repeat the pair's first row (a valid distribution, so no NaN can arise there; the labels ignore
+    them anyway)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict:
+        if not all(key in features[0] for key in TEACHER_KEYS):  # evaluation batches: no teacher rows
+            return self.collator(features)
+        features = [dict(feature) for feature in features]
+        cached = [{key: feature.pop(key) for key in TEACHER_KEYS} for feature in features]
+        batch = self.collator(features)
+        length = batch["labels"].shape[1]
+        for key in TEACHER_KEYS:
+            rows = []
+            for row in cached:
+                values = row[key][:length]
+                if values.shape[0] < length:
+                    filler = values[:1] if values.shape[0] else torch.zeros((1, *values.shape[1:]), dtype=values.dtype)
+                    values = torch.cat([values, filler.expand(length - values.shape[0], *values.shape[1:])])
+                rows.append(values)
+            batch[key] = torch.stack(rows)
+        return batch
+
+
 __all__ = [
+    "cached_positions",
+    "CachedPairs",
+    "PadCachedTeacher",
     "TeacherCacheArguments",
     "TeacherCache",
     "CachedStreamBatches",

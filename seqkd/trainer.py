@@ -273,6 +273,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         super().__init__(model=model, args=args, **kwargs)
         if self.teacher_cache is not None:
             self.train_dataset = self.teacher_cache.attach(self.train_dataset)
+            if self.teacher_cache.layout["kind"] == "pairs":
+                from seqkd.teacher_cache import PadCachedTeacher
+
+                self.data_collator = PadCachedTeacher(self.data_collator)
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None and args.needs_teacher else None
         self._stateful = is_stateful(model)
         self._student_state = self._teacher_state = None
