@@ -302,10 +302,12 @@ def command_distill_data(argv: list[str]) -> dict:
     manifest = write_distilled_data(
         teacher, tokenizer, corpus, args.output_dir, distill_data_args, source_lang=data_args.source_lang,
         target_lang=data_args.target_lang, batch_size=args.per_device_eval_batch_size,
-        bleu_tokenize="none" if data_args.pretokenized else args.bleu_tokenize, device=args.device,
+        bleu_tokenize="none" if data_args.pretokenized else args.bleu_tokenize,
+        max_source_length=data_args.max_source_length, device=args.device,
         show_progress=not args.disable_tqdm,
     )  # fmt: skip
-    summary = {"output_dir": args.output_dir, "method": manifest["method"], **manifest["counts"], **manifest["decoding"]}
+    summary = {"output_dir": args.output_dir, "method": manifest["method"], **manifest["counts"],
+               **(manifest.get("decoding") or {})}  # fmt: skip
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -194,6 +194,7 @@ def write_distilled_data(
     target_lang: str,
     batch_size: int = 32,
     bleu_tokenize: str = "13a",
+    max_source_length: int | None = None,
     device=None,
     show_progress: bool = True,
 ) -> dict:
@@ -204,6 +205,7 @@ def write_distilled_data(
         corpus: a ``DatasetDict`` with ``source`` / ``target`` columns (:func:`seqkd.pipeline.load_parallel_corpus`);
             ``validation`` and ``test``, when present, are copied unchanged.
         bleu_tokenize: sacreBLEU's tokenizer for Seq-Inter's sentence BLEU ('none' for pretokenized text).
+        max_source_length: sources are truncated to this many tokens, as training truncates them.
     Returns:
         The manifest: method, decoding settings, teacher and data fingerprints, shards with sha256, counts.
     """
@@ -219,8 +221,14 @@ def write_distilled_data(
         )
     if "train" not in corpus:
         raise InvalidValueError(f"the corpus has no 'train' split to distil; it has {sorted(corpus)}")
-    sources = [str(s) for s in corpus["train"]["source"]]
-    references = [str(t) for t in corpus["train"]["target"]]
+    # One sentence per line: a line break inside a sentence (possible in Hub data) would shift every later pair.
+    sources = [_one_line(str(s)) for s in corpus["train"]["source"]]
+    references = [_one_line(str(t)) for t in corpus["train"]["target"]]
+    if not sources:
+        raise InvalidValueError("the corpus' train split is empty: there is nothing to distil")
+    generation_config = getattr(teacher, "generation_config", None)
+    # What decides the shards' bytes. Filters and the mix of gold targets only decide how the shards are assembled
+    # into train.*: they may change without decoding again.
     identity = {
         "format": 1,
         "method": args.method,
@@ -236,10 +244,15 @@ def write_distilled_data(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": _text_sha256(sources),
         "references": _text_sha256(references),
+        "batch_size": batch_size,
+        "max_source_length": max_source_length,
+        "generation_config": _text_sha256([generation_config.to_json_string()]) if generation_config else None,
+    }
+    assembly = {
         "filters": {key: getattr(args, key) for key in ("drop_empty", "max_length_ratio", "max_ngram_repeats",
                                                          "repeat_ngram_size")},
         "mix": {key: getattr(args, key) for key in ("add_original", "original_fraction", "mix_seed")},
-    }
+    }  # fmt: skip
     manifest_path = os.path.join(output_dir, MANIFEST_FILE)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise InvalidValueError(f"output_dir {output_dir!r} is a file: name a folder for the distilled data")
@@ -251,8 +264,10 @@ def write_distilled_data(
     os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
     num_shards = max(1, -(-len(sources) // args.shard_sentences))
     manifest = {**identity, "num_shards": num_shards, "shards": [], "complete": False}
+    previous_decoding = None
     if os.path.isfile(manifest_path):
         existing = _read_manifest(output_dir)
+        previous_decoding = existing.get("decoding")
         changed = sorted(key for key in identity if existing.get(key) != identity[key])
         if changed:
             raise InvalidValueError(
@@ -260,10 +275,11 @@ def write_distilled_data(
                 f"(differs in {', '.join(changed)}): use a new output_dir, or rerun with the settings it was "
                 "started with"
             )
-        if existing.get("complete"):
+        split_files = [os.path.join(output_dir, f"train.{lang}") for lang in (source_lang, target_lang)]
+        if existing.get("complete") and existing.get("assembly") == assembly and all(map(os.path.isfile, split_files)):
             logger.info("distilled data in %s is complete, nothing to do", output_dir)
             return existing
-        manifest["shards"] = _whole_shards(output_dir, existing.get("shards", []))
+        manifest["shards"] = _whole_shards(output_dir, existing.get("shards", []), what="distilled-data")
         if manifest["shards"]:
             logger.warning("resuming distill-data in %s after %d of %d shards", output_dir, len(manifest["shards"]), num_shards)
     for name in os.listdir(os.path.join(output_dir, SHARD_DIR)):
@@ -278,7 +294,8 @@ def write_distilled_data(
         start, stop = index * args.shard_sentences, min((index + 1) * args.shard_sentences, len(sources))
         n_best = translate_n_best(
             teacher, tokenizer, sources[start:stop], num_beams=args.num_beams, num_return_sequences=args.candidates,
-            max_new_tokens=args.max_new_tokens, batch_size=batch_size, device=device, show_progress=False,
+            max_new_tokens=args.max_new_tokens, batch_size=batch_size, max_source_length=max_source_length,
+            device=device, show_progress=False,
         )  # fmt: skip
         hypotheses = []
         for candidates, reference in zip(n_best, references[start:stop]):
@@ -325,14 +342,19 @@ def write_distilled_data(
     for split in ("validation", "test"):
         if split in corpus:
             for lang, column in ((source_lang, "source"), (target_lang, "target")):
-                _write_lines_atomically(os.path.join(output_dir, f"{split}.{lang}"), [str(x) for x in corpus[split][column]])
+                lines = [_one_line(str(x)) for x in corpus[split][column]]
+                _write_lines_atomically(os.path.join(output_dir, f"{split}.{lang}"), lines)
     manifest.update(
         complete=True,
+        assembly=assembly,
         counts={"sources": len(sources), "pairs": len(kept_targets), "original_targets": len(gold) + (
             len(sources) if args.add_original else 0), "dropped": dict(dropped)},
-        decoding={"sentences": decoded, "seconds": round(elapsed, 2),
-                  "sentences_per_second": round(decoded / elapsed, 2) if decoded and elapsed > 0 else None},
-    )  # fmt: skip
+    )
+    if decoded:  # a rerun that only re-assembled keeps the decoding figures of the run that decoded
+        manifest["decoding"] = {"sentences": decoded, "seconds": round(elapsed, 2),
+                                "sentences_per_second": round(decoded / elapsed, 2) if elapsed > 0 else None}  # fmt: skip
+    else:
+        manifest["decoding"] = previous_decoding
     _write_json_atomically(manifest_path, manifest)
     return manifest
 

@@ -288,6 +288,8 @@ def cache_teacher(
         "data": data,
         "shard_size": positions_per_shard if stream else rows_per_shard,
         "teacher_window": teacher_window,
+        # The token the teacher's decoder started from: a student starting from another one sees other prefixes.
+        "decoder_start_token_id": getattr(teacher.config, "decoder_start_token_id", None) if pairs else None,
         "num_shards": num_shards,
         "shards": [],
         "complete": False,
@@ -410,13 +412,13 @@ def cache_teacher(
     return manifest
 
 
-def _whole_shards(output_dir: str, listed: list[dict]) -> list[dict]:
+def _whole_shards(output_dir: str, listed: list[dict], what: str = "teacher cache") -> list[dict]:
     """The longest prefix of listed shards whose files are intact (size and sha256)."""
     kept = []
     for shard in listed:
         path = os.path.join(output_dir, shard["file"])
         if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"] or _file_sha256(path) != shard["sha256"]:
-            logger.warning("teacher cache shard %s is missing or damaged; it is written again", path)
+            logger.warning("%s shard %s is missing or damaged; it is written again", what, path)
             break
         kept.append(shard)
     return kept
@@ -470,8 +472,12 @@ class TeacherCache:
         positions = cached_positions(self.layout)
         return sum(shard["bytes"] for shard in self.manifest["shards"]) / max(positions, 1)
 
-    def check_matches(self, train_dataset, *, tokenizer=None, vocab_size: int | None = None, teacher=None) -> None:
-        """Refuse (``ValueError``) a cache written for other data, another tokenizer, vocabulary or teacher."""
+    def check_matches(
+        self, train_dataset, *, tokenizer=None, vocab_size: int | None = None, teacher=None,
+        decoder_start_token_id: int | None = None,
+    ) -> None:  # fmt: skip
+        """Refuse (``ValueError``) a cache written for other data, another tokenizer, vocabulary or teacher, or (for
+        translation pairs) a student whose decoder starts from another token than the teacher's did."""
         layout, data = data_layout(train_dataset)
         if layout != self.layout:
             hint = ""
@@ -499,6 +505,9 @@ class TeacherCache:
             mismatches.append(f"vocabulary size ({self.vocab_size} vs the student's {vocab_size})")
         if teacher is not None and model_fingerprint(teacher) != self.manifest["teacher"]:
             mismatches.append("teacher weights")
+        start = self.manifest.get("decoder_start_token_id")
+        if start is not None and decoder_start_token_id is not None and start != decoder_start_token_id:
+            mismatches.append(f"decoder start token ({start} for the teacher, {decoder_start_token_id} for the student)")
         if mismatches:
             raise InvalidValueError(
                 f"teacher cache {self.path} does not match this run: different {'; '.join(mismatches)}. Write a "
@@ -610,6 +619,11 @@ class PadCachedTeacher:
     def __call__(self, features: list[dict]) -> dict:
         if not all(key in features[0] for key in TEACHER_KEYS):  # evaluation batches: no teacher rows
             return self.collator(features)
+        if getattr(getattr(self.collator, "tokenizer", None), "padding_side", "right") == "left":
+            raise InvalidValueError(
+                "cached teacher rows are aligned with right-padded labels, but the tokenizer pads on the left: set "
+                "tokenizer.padding_side = 'right' for training"
+            )
         features = [dict(feature) for feature in features]
         cached = [{key: feature.pop(key) for key in TEACHER_KEYS} for feature in features]
         batch = self.collator(features)

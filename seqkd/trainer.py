@@ -264,10 +264,12 @@ class DistillationTrainer(Seq2SeqTrainer):
             self.teacher_cache.check_matches(
                 kwargs["train_dataset"], tokenizer=kwargs.get("processing_class"),
                 vocab_size=model.get_output_embeddings().weight.shape[0], teacher=teacher_model,
+                decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
             )  # fmt: skip
             teacher_model = None
         if teacher_model is not None:
             _check_same_vocabulary(model, teacher_model)
+            _check_same_decoder_start(model, teacher_model)
             if TEACHER_DTYPES[args.teacher_dtype] is not None:
                 teacher_model = teacher_model.to(TEACHER_DTYPES[args.teacher_dtype])
         super().__init__(model=model, args=args, **kwargs)
@@ -702,6 +704,20 @@ def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metric
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(staging, final_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def _check_same_decoder_start(student, teacher) -> None:
+    # The teacher scores the student's decoder inputs: from another start token they are prefixes it never saw.
+    if not (student.config.is_encoder_decoder and teacher.config.is_encoder_decoder):
+        return
+    student_start = getattr(student.config, "decoder_start_token_id", None)
+    teacher_start = getattr(teacher.config, "decoder_start_token_id", None)
+    if None not in (student_start, teacher_start) and student_start != teacher_start:
+        raise InvalidValueError(
+            f"the teacher's decoder starts from token {teacher_start}, the student's from {student_start}: the teacher "
+            "would score prefixes it never saw; build the student with decoder_start_token_id="
+            f"{teacher_start} (model_config)"
+        )
 
 
 def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,7 @@ def test_cache_teacher_and_distill_from_the_cli(recipe, tmp_path, capsys):  # no
     main(["distill", *common, "--teacher_cache", str(cache_dir), "--output_dir", str(student), "--max_steps", "3",
           "--loss", "kd", "--logging_steps", "1"])  # fmt: skip
     assert (student / "model" / "model.safetensors").is_file()
-    state = json.loads(next(student.glob("checkpoint-*/trainer_state.json")).read_text()) if list(student.glob("checkpoint-*")) else None
-    metrics = json.loads((student / "model" / "metrics.json").read_text())
-    assert metrics["train_loss"] > 0 and (state is None or any("loss_kd" in e for e in state["log_history"]))
+    assert json.loads((student / "model" / "metrics.json").read_text())["train_loss"] > 0
     with pytest.raises(ValueError, match="teacher cache .* (was written for the layout|does not match this run)"):
         main(["distill", str(recipe), "--max_train_examples", "64", "--max_target_length", "4", "--debug",
               "--loss", "kd", "--teacher_cache", str(cache_dir), "--output_dir", str(tmp_path / "other"),

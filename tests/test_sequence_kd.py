@@ -48,6 +48,10 @@ def test_seq_kd_targets_are_the_teachers_own_outputs(recipe, parallel_dir, teach
     model, tokenizer = load_saved_model(str(teacher)), AutoTokenizer.from_pretrained(teacher)
     expected = translate(model, tokenizer, sources, num_beams=num_beams, max_new_tokens=12, batch_size=8, show_progress=False)
     assert read(out / "train.en") == expected
+    for i in (0, 7, 59):  # and, unbatched, straight from generate
+        single = model.generate(**tokenizer(sources[i], return_tensors="pt", return_token_type_ids=False),
+                                num_beams=num_beams, max_new_tokens=12)  # fmt: skip
+        assert read(out / "train.en")[i] == tokenizer.decode(single[0], skip_special_tokens=True).strip()
     # The other splits are copied unchanged; the manifest records what was done.
     assert read(out / "validation.en") == read(parallel_dir / "val.en")
     assert read(out / "test.de") == read(parallel_dir / "test.de")
@@ -117,21 +121,37 @@ def test_a_student_trains_on_the_distilled_data(recipe, teacher, tmp_path):  # n
 
 
 def test_original_targets_can_be_mixed_in(recipe, parallel_dir, teacher, tmp_path):  # noqa: F811
+    import random
+
     sources, references = read(parallel_dir / "train.de")[:60], read(parallel_dir / "train.en")[:60]
     run(*distill_argv(recipe, teacher, tmp_path / "plain", "--num_beams", "1"))
     hypotheses = read(tmp_path / "plain" / "train.en")
     run(*distill_argv(recipe, teacher, tmp_path / "both", "--num_beams", "1", "--add_original", "true"))
     assert read(tmp_path / "both" / "train.de") == [s for s in sources for _ in range(2)]
     assert read(tmp_path / "both" / "train.en") == [t for pair in zip(hypotheses, references) for t in pair]
-    run(*distill_argv(recipe, teacher, tmp_path / "half", "--num_beams", "1", "--original_fraction", "0.5"))
-    targets = read(tmp_path / "half" / "train.en")
-    assert read(tmp_path / "half" / "train.de") == sources
-    gold = [i for i, (t, h, r) in enumerate(zip(targets, hypotheses, references)) if t == r and t != h]
-    assert all(t in (h, r) for t, h, r in zip(targets, hypotheses, references))
-    counts = json.loads((tmp_path / "half" / "distill_manifest.json").read_text())["counts"]
-    assert counts["original_targets"] == 30 and len(gold) <= 30
-    with pytest.raises(ValueError, match="differs in mix"):  # the mix is part of what a folder holds
-        run(*distill_argv(recipe, teacher, tmp_path / "half", "--num_beams", "1", "--original_fraction", "0.25"))
+    half = tmp_path / "half"
+    run(*distill_argv(recipe, teacher, half, "--num_beams", "1", "--original_fraction", "0.5"))
+    gold = set(random.Random(0).sample(range(60), 30))
+    expected = [references[i] if i in gold else hypotheses[i] for i in range(60)]
+    assert read(half / "train.de") == sources and read(half / "train.en") == expected
+    assert json.loads((half / "distill_manifest.json").read_text())["counts"]["original_targets"] == 30
+    # Another mix, or other filters, re-assemble train.* from the same shards: nothing is decoded again.
+    shard = half / "shards" / "shard-00000.en"
+    stamp = shard.stat().st_mtime_ns
+    run(*distill_argv(recipe, teacher, half, "--num_beams", "1", "--original_fraction", "0.25", "--mix_seed", "3"))
+    gold = set(random.Random(3).sample(range(60), 15))
+    assert read(half / "train.en") == [references[i] if i in gold else hypotheses[i] for i in range(60)]
+    assert shard.stat().st_mtime_ns == stamp
+    run(*distill_argv(recipe, teacher, half, "--num_beams", "1", "--max_length_ratio", "1.0"))
+    kept = [(s, h) for s, h in zip(sources, hypotheses) if len(h.split()) == len(s.split())]
+    assert list(zip(read(half / "train.de"), read(half / "train.en"))) == kept
+    assert shard.stat().st_mtime_ns == stamp
+
+
+def test_a_student_whose_decoder_starts_elsewhere_is_refused(recipe, teacher, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="decoder starts from token"):
+        run("distill", recipe, "--output_dir", tmp_path / "x", "--max_steps", "1", "--loss", "kd",
+            "--teacher_model_name_or_path", teacher, "--model_config", '{"decoder_start_token_id": 3}')  # fmt: skip
 
 
 def test_filters():
