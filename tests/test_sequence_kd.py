@@ -48,10 +48,6 @@ def test_seq_kd_targets_are_the_teachers_own_outputs(recipe, parallel_dir, teach
     model, tokenizer = load_saved_model(str(teacher)), AutoTokenizer.from_pretrained(teacher)
     expected = translate(model, tokenizer, sources, num_beams=num_beams, max_new_tokens=12, batch_size=8, show_progress=False)
     assert read(out / "train.en") == expected
-    for i in (0, 7, 59):  # and, unbatched, straight from generate
-        single = model.generate(**tokenizer(sources[i], return_tensors="pt", return_token_type_ids=False),
-                                num_beams=num_beams, max_new_tokens=12)  # fmt: skip
-        assert read(out / "train.en")[i] == tokenizer.decode(single[0], skip_special_tokens=True).strip()
     # The other splits are copied unchanged; the manifest records what was done.
     assert read(out / "validation.en") == read(parallel_dir / "val.en")
     assert read(out / "test.de") == read(parallel_dir / "test.de")
@@ -78,6 +74,10 @@ def test_seq_inter_writes_the_closest_of_the_k_best(recipe, parallel_dir, teache
     model, tokenizer = load_saved_model(str(teacher)), AutoTokenizer.from_pretrained(teacher)
     n_best = translate_n_best(model, tokenizer, sources, num_beams=4, num_return_sequences=3, max_new_tokens=12,
                               batch_size=8, show_progress=False)  # fmt: skip
+    # Each source's candidates are its own, best first: the first is what the same beam search keeps as its best
+    # (same batches, same arithmetic; an unbatched run would pad differently and could flip a near-tie).
+    best = translate(model, tokenizer, sources, num_beams=4, max_new_tokens=12, batch_size=8, show_progress=False)
+    assert [candidates[0] for candidates in n_best] == best and all(len(c) == 3 for c in n_best)
     expected = [c[select_closest(c, r, tokenize="none")] for c, r in zip(n_best, references)]
     assert read(out / "train.en") == [" ".join(e.split()) for e in expected]
 
