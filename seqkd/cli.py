@@ -287,7 +287,8 @@ def command_cache_teacher(argv: list[str]) -> dict:
 
 def command_distill_data(argv: list[str]) -> dict:
     from seqkd.pipeline import teacher_tokenizer
-    from seqkd.sequence_kd import write_distilled_data
+    from seqkd.sequence_kd import TranslationEnsemble, write_distilled_data
+    from seqkd.teacher_cache import tokenizer_fingerprint
 
     model_args, data_args, args, distill_data_args = parse_command_line("distill-data", argv)
     teacher_path = args.teacher_model_name_or_path
@@ -297,7 +298,21 @@ def command_distill_data(argv: list[str]) -> dict:
     tokenizer = teacher_tokenizer(teacher_path)
     if tokenizer is None:
         raise MissingInputError(f"teacher folder {teacher_path!r} has no tokenizer (tokenizer.json): save it beside the model")
-    teacher = load_saved_model(teacher_path, allow_pickle=args.allow_pickle_weights).to(args.device)
+    members = [teacher_path, *(distill_data_args.ensemble_with or [])]
+    for path in members[1:]:
+        check_model_folder(path, allow_pickle=args.allow_pickle_weights, what="ensemble member")
+        member_tokenizer = teacher_tokenizer(path)
+        if member_tokenizer is not None and tokenizer_fingerprint(member_tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise InvalidValueError(
+                f"ensemble member {path!r} has another tokenizer than the teacher {teacher_path!r}: an ensemble averages "
+                "distributions over one vocabulary; train its members with the same tokenizer"
+            )
+    if len(members) > 1:
+        teacher = TranslationEnsemble(
+            [load_saved_model(path, allow_pickle=args.allow_pickle_weights) for path in members]
+        ).to(args.device)
+    else:
+        teacher = load_saved_model(teacher_path, allow_pickle=args.allow_pickle_weights).to(args.device)
     corpus = load_parallel_corpus(data_args)
     manifest = write_distilled_data(
         teacher, tokenizer, corpus, args.output_dir, distill_data_args, source_lang=data_args.source_lang,

@@ -7,6 +7,9 @@
 - ``seq_inter``: among the teacher's K best, the one closest to the reference by sentence-level BLEU (smoothed)
   or chrF (Seq-Inter).
 
+The teacher may be an ensemble (:class:`TranslationEnsemble`): its members' token distributions are averaged at
+every decoding step.
+
 Training on it is ``seqkd train --dataset D`` (Seq-KD: plain CE on the teacher's outputs) or
 ``seqkd distill --dataset D`` (Seq-KD + Word-KD). Decoding is done shard by shard (a fixed range of sources,
 length-sorted into batches inside it); each shard is written to a ``.partial`` file, renamed, then listed with
@@ -23,6 +26,9 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor
 
 from seqkd.errors import InvalidValueError, MissingInputError
 
@@ -84,6 +90,12 @@ class DistillDataArguments:
                   "teacher's hypothesis, e.g. 0.5."},  # fmt: skip
     )
     mix_seed: int = field(default=0, metadata={"help": "Seed of the draw of original_fraction."})
+    ensemble_with: list[str] | None = field(
+        default=None,
+        metadata={"help": "More saved translation models decoded together with the teacher as one ensemble: at each "
+                  "step the token distributions of all of them are averaged (e.g. the two teachers, or the "
+                  "generations of a Born-Again chain). They must share the teacher's tokenizer."},  # fmt: skip
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -124,6 +136,115 @@ class DistillDataArguments:
         if self.method == "seq_kd":
             return 1
         return self.num_beams if self.num_return_sequences is None else self.num_return_sequences
+
+
+# --------------------------------------------------------------------------------------------------------
+# An ensemble teacher.
+
+
+class _AverageWithMembers(LogitsProcessor):
+    """A logits processor that turns the decoding model's scores into the ensemble's: the log of the mean of every
+    member's next-token probabilities.
+
+    ``generate`` runs the first member with its own cache and beam bookkeeping; the other members read the same
+    (already reordered) decoder prefixes and recompute them without a cache, so no member's state has to follow the
+    beams. Tokens the generation config has banned (``-inf`` in the incoming scores: forced EOS at the length
+    limit, minimum length, ...) stay banned for the ensemble.
+    """
+
+    def __init__(self, others, encoder_outputs, attention_mask):
+        self.others = others
+        self.encoder_outputs = encoder_outputs
+        self.attention_mask = attention_mask
+        self.batch_size = attention_mask.shape[0]
+
+    def _expanded(self, member_index: int, rows: int):
+        # generate() repeats every source num_beams times, next to each other: row r decodes source r // num_beams.
+        repeat = rows // self.batch_size
+        encoder_outputs = self.encoder_outputs[member_index]
+        if repeat == 1:
+            return encoder_outputs, self.attention_mask
+        expanded = type(encoder_outputs)(
+            **{key: value.repeat_interleave(repeat, dim=0) for key, value in encoder_outputs.items() if value is not None}
+        )
+        return expanded, self.attention_mask.repeat_interleave(repeat, dim=0)
+
+    def __call__(self, input_ids, scores):
+        import math
+
+        import torch
+
+        if input_ids.shape[0] % self.batch_size:
+            raise RuntimeError(f"{input_ids.shape[0]} decoding rows do not divide into {self.batch_size} sources")
+        log_probs = [torch.log_softmax(scores.float(), dim=-1)]
+        for index, member in enumerate(self.others):
+            encoder_outputs, attention_mask = self._expanded(index, input_ids.shape[0])
+            logits = member(
+                encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=input_ids,
+                use_cache=False,
+            ).logits[:, -1, : scores.shape[-1]]  # fmt: skip
+            log_probs.append(torch.log_softmax(logits.float(), dim=-1))
+        mixed = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
+        mixed = mixed.masked_fill(torch.isneginf(scores), float("-inf"))
+        return torch.log_softmax(mixed, dim=-1).to(scores.dtype)
+
+
+class TranslationEnsemble(torch.nn.Module):
+    """Encoder-decoders that translate as one: at each decoding step the mean of their next-token distributions
+    (greedy and beam search). The members must share one vocabulary and the same special tokens.
+
+    ``generate`` takes what a member's ``generate`` takes; ``config`` and ``generation_config`` are the first
+    member's.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        if not members:
+            raise InvalidValueError("an ensemble needs at least one model")
+        self.members = torch.nn.ModuleList(members)
+        first = members[0].config
+        for index, member in enumerate(members[1:], start=1):
+            config = member.config
+            if not getattr(config, "is_encoder_decoder", False):
+                raise InvalidValueError(
+                    f"ensemble member {index} ({type(member).__name__}) is not an encoder-decoder: every member must translate"
+                )
+            for key in ("vocab_size", "decoder_start_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(config, key, None) != getattr(first, key, None):
+                    raise InvalidValueError(
+                        f"ensemble member {index} has {key}={getattr(config, key, None)!r} but the first member has "
+                        f"{getattr(first, key, None)!r}: the members must share one tokenizer"
+                    )
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+    @property
+    def generation_config(self):
+        return self.members[0].generation_config
+
+    def fingerprints(self) -> list[str]:
+        from seqkd.teacher_cache import model_fingerprint
+
+        return [model_fingerprint(member) for member in self.members]
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, logits_processor=None, **kwargs):
+        from transformers import LogitsProcessorList
+
+        first, others = self.members[0], list(self.members[1:])
+        if not others:
+            return first.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        encoder_outputs = [
+            member.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True) for member in others
+        ]
+        average = _AverageWithMembers(others, encoder_outputs, attention_mask)
+        # The ensemble's average must come before any caller's processor, which then sees the ensemble's scores.
+        processors = LogitsProcessorList([average, *(logits_processor or [])])
+        return first.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=processors, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -240,7 +361,7 @@ def write_distilled_data(
         "shard_sentences": args.shard_sentences,
         "source_lang": source_lang,
         "target_lang": target_lang,
-        "teacher": model_fingerprint(teacher),
+        "teacher": teacher.fingerprints() if isinstance(teacher, TranslationEnsemble) else model_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": _text_sha256(sources),
         "references": _text_sha256(references),
@@ -386,4 +507,11 @@ def check_complete(dataset_dir: str) -> None:
         )
 
 
-__all__ = ["DistillDataArguments", "check_complete", "drop_reason", "select_closest", "write_distilled_data"]
+__all__ = [
+    "DistillDataArguments",
+    "TranslationEnsemble",
+    "check_complete",
+    "drop_reason",
+    "select_closest",
+    "write_distilled_data",
+]
