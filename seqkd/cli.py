@@ -286,19 +286,30 @@ def command_cache_teacher(argv: list[str]) -> dict:
 
 
 def command_distill_data(argv: list[str]) -> dict:
-    from seqkd.pipeline import teacher_tokenizer
+    from transformers import AutoConfig
+
+    from seqkd.pipeline import is_translation, load_corpus, teacher_tokenizer
     from seqkd.sequence_kd import TranslationEnsemble, write_distilled_data
     from seqkd.teacher_cache import tokenizer_fingerprint
 
     model_args, data_args, args, distill_data_args = parse_command_line("distill-data", argv)
     teacher_path = args.teacher_model_name_or_path
     if not teacher_path:
-        raise InvalidValueError("seqkd distill-data needs --teacher_model_name_or_path (a trained translation model)")
+        raise InvalidValueError("seqkd distill-data needs --teacher_model_name_or_path (a trained translation or language model)")
     check_model_folder(teacher_path, allow_pickle=args.allow_pickle_weights, what="teacher")
+    translation = bool(AutoConfig.from_pretrained(teacher_path).is_encoder_decoder)
+    if translation != is_translation(data_args, model_args):
+        teacher_kind, recipe_kind = ("translation", "language-modelling") if translation else ("language", "translation")
+        raise InvalidValueError(
+            f"teacher {teacher_path!r} is a {teacher_kind} model but the recipe is a {recipe_kind} task: distil with a "
+            "recipe of the teacher's own task (its dataset and model kind)"
+        )
     tokenizer = teacher_tokenizer(teacher_path)
     if tokenizer is None:
         raise MissingInputError(f"teacher folder {teacher_path!r} has no tokenizer (tokenizer.json): save it beside the model")
     members = [teacher_path, *(distill_data_args.ensemble_with or [])]
+    if len(members) > 1 and not translation:
+        raise InvalidValueError("ensemble_with decodes with an ensemble of translation models; the teacher is a language model")
     for path in members[1:]:
         check_model_folder(path, allow_pickle=args.allow_pickle_weights, what="ensemble member")
         member_tokenizer = teacher_tokenizer(path)
@@ -313,12 +324,19 @@ def command_distill_data(argv: list[str]) -> dict:
         ).to(args.device)
     else:
         teacher = load_saved_model(teacher_path, allow_pickle=args.allow_pickle_weights).to(args.device)
-    corpus = load_parallel_corpus(data_args)
+    if translation:
+        corpus = load_parallel_corpus(data_args)
+        languages = {"source_lang": data_args.source_lang, "target_lang": data_args.target_lang}
+    else:
+        corpus = load_corpus(data_args)
+        if data_args.max_train_examples is not None:
+            corpus["train"] = corpus["train"].select(range(min(data_args.max_train_examples, len(corpus["train"]))))
+        languages = {}
     manifest = write_distilled_data(
-        teacher, tokenizer, corpus, args.output_dir, distill_data_args, source_lang=data_args.source_lang,
-        target_lang=data_args.target_lang, batch_size=args.per_device_eval_batch_size,
+        teacher, tokenizer, corpus, args.output_dir, distill_data_args, **languages,
+        batch_size=args.per_device_eval_batch_size,
         bleu_tokenize="none" if data_args.pretokenized else args.bleu_tokenize,
-        max_source_length=data_args.max_source_length, device=args.device,
+        max_source_length=data_args.max_source_length if translation else None, device=args.device,
         show_progress=not args.disable_tqdm,
     )  # fmt: skip
     summary = {"output_dir": args.output_dir, "method": manifest["method"], **manifest["counts"],
@@ -395,7 +413,7 @@ USAGE = f"""usage: seqkd {{{",".join(COMMANDS)}}} [RECIPE.yaml] [--field value .
   train        train a model from labels (loss ce or ls)
   distill      train a student from a saved teacher (--teacher_model_name_or_path) or its cache (--teacher_cache)
   cache-teacher  run a teacher once over the training split and store its top-k outputs (--teacher_cache)
-  distill-data   decode the training sources with a translation teacher: a corpus for Seq-KD / Seq-Inter
+  distill-data   decode the training set with a teacher: a corpus for Seq-KD / Seq-Inter (or LM continuations)
   born-again   a Born-Again chain: generation 0 from labels, each next one from the last, and their ensemble
   evaluate     perplexity (and BLEU, chrF for translation; --stability) of a saved model on a split
 

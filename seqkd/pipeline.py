@@ -144,7 +144,12 @@ def load_corpus(data_args: DataArguments):
 
     if data_args.dataset == "ptb":
         return load_ptb(resolve_data_dir(data_args))
-    return load_text_splits(dataset_path(data_args))
+    path = dataset_path(data_args)
+    if os.path.isdir(path):
+        from seqkd.sequence_kd import check_complete
+
+        check_complete(path)  # a distill-data folder still being written is not a corpus yet
+    return load_text_splits(path)
 
 
 def build_tokenizer(data_args: DataArguments, corpus, teacher_path: str | None = None):

@@ -90,6 +90,19 @@ class DistillDataArguments:
                   "teacher's hypothesis, e.g. 0.5."},  # fmt: skip
     )
     mix_seed: int = field(default=0, metadata={"help": "Seed of the draw of original_fraction."})
+    prefix_length: int = field(
+        default=5,
+        metadata={"help": "Language models: the teacher continues the first this many tokens of every training line "
+                  "(after the end-of-sentence token that precedes a line in the stream)."},  # fmt: skip
+    )
+    do_sample: bool = field(
+        default=False,
+        metadata={"help": "Sample one hypothesis per source or prefix instead of beam search (with sample_temperature "
+                  "and sample_top_p; needs num_beams 1). Each shard draws from its own seed: a resumed run writes the same bytes."},  # fmt: skip
+    )
+    sample_temperature: float = field(default=1.0, metadata={"help": "do_sample: softmax temperature (> 0)."})
+    sample_top_p: float = field(default=1.0, metadata={"help": "do_sample: nucleus sampling mass, in (0, 1]."})
+    sample_seed: int = field(default=0, metadata={"help": "do_sample: seed of the first shard (shard i uses seed + i)."})
     ensemble_with: list[str] | None = field(
         default=None,
         metadata={"help": "More saved translation models decoded together with the teacher as one ensemble: at each "
@@ -124,6 +137,19 @@ class DistillDataArguments:
             raise InvalidValueError(f"repeat_ngram_size must be >= 1, got {self.repeat_ngram_size}")
         if not 0 <= self.original_fraction <= 1:
             raise InvalidValueError(f"original_fraction must be in [0, 1], got {self.original_fraction}")
+        if self.prefix_length < 0:
+            raise InvalidValueError(f"prefix_length must be >= 0, got {self.prefix_length}")
+        if self.sample_temperature <= 0:
+            raise InvalidValueError(f"sample_temperature must be > 0, got {self.sample_temperature}")
+        if not 0 < self.sample_top_p <= 1:
+            raise InvalidValueError(f"sample_top_p must be in (0, 1], got {self.sample_top_p}")
+        if self.do_sample and self.num_beams != 1:
+            raise InvalidValueError(
+                f"do_sample draws one hypothesis per source: set num_beams 1 (got {self.num_beams}), or drop do_sample "
+                "for beam search"
+            )
+        if self.do_sample and self.method == "seq_inter":
+            raise InvalidValueError("seq_inter chooses among beam search's K best: drop do_sample, or use method seq_kd")
         if self.add_original and self.original_fraction > 0:
             raise InvalidValueError(
                 "add_original (both targets for every source) and original_fraction (one or the other) exclude each "
@@ -304,6 +330,65 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def continue_prefixes(
+    model,
+    tokenizer,
+    lines: list[str],
+    *,
+    prefix_length: int,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    batch_size: int = 32,
+    device=None,
+    **generate_kwargs,
+) -> list[str]:
+    """A causal language model's continuation of the first ``prefix_length`` tokens of each line: the line's prefix
+    followed by what the model writes up to its end-of-sentence token (or ``max_new_tokens``).
+
+    Each prompt starts with the end-of-sentence token, the context a line has in the training stream. Lines are
+    batched by prefix length, so no prompt is padded.
+    """
+    eos = tokenizer.eos_token_id
+    start = [eos] if eos is not None else []
+    prefixes = [tokenizer(line, add_special_tokens=False)["input_ids"][:prefix_length] for line in lines]
+    if eos is None and any(not prefix for prefix in prefixes):
+        raise InvalidValueError(
+            "a line has no tokens to continue and the tokenizer has no eos token to start from: raise prefix_length "
+            "or drop empty lines"
+        )
+    if device is None:
+        device = next(model.parameters()).device
+    by_length: dict[int, list[int]] = {}
+    for index, prefix in enumerate(prefixes):
+        by_length.setdefault(len(prefix), []).append(index)
+    outputs: list[str | None] = [None] * len(lines)
+    was_training = model.training
+    model.eval()
+    try:
+        for length in sorted(by_length):
+            indices = by_length[length]
+            for first in range(0, len(indices), batch_size):
+                batch = indices[first : first + batch_size]
+                input_ids = torch.tensor([start + prefixes[i] for i in batch], device=device)
+                with torch.no_grad():
+                    generated = model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), num_beams=num_beams,
+                        max_new_tokens=max_new_tokens, eos_token_id=eos,
+                        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                        **generate_kwargs,
+                    )  # fmt: skip
+                for row, i in enumerate(batch):
+                    new = generated[row, input_ids.shape[1] :].tolist()
+                    if eos in new:
+                        new = new[: new.index(eos)]
+                    # Special tokens that are words of the corpus (PTB's <unk>) stay; the end of sentence was cut.
+                    text = tokenizer.decode(prefixes[i] + new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    outputs[i] = _one_line(text)
+    finally:
+        model.train(was_training)
+    return outputs  # type: ignore[return-value]
+
+
 def write_distilled_data(
     teacher,
     tokenizer,
@@ -311,8 +396,8 @@ def write_distilled_data(
     output_dir: str,
     args: DistillDataArguments,
     *,
-    source_lang: str,
-    target_lang: str,
+    source_lang: str | None = None,
+    target_lang: str | None = None,
     batch_size: int = 32,
     bleu_tokenize: str = "13a",
     max_source_length: int | None = None,
@@ -322,9 +407,12 @@ def write_distilled_data(
     """Decode ``corpus['train']`` with ``teacher`` and write the distilled corpus to ``output_dir``.
 
     Args:
-        teacher: an encoder-decoder with ``generate``; ``tokenizer`` its tokenizer.
-        corpus: a ``DatasetDict`` with ``source`` / ``target`` columns (:func:`seqkd.pipeline.load_parallel_corpus`);
-            ``validation`` and ``test``, when present, are copied unchanged.
+        teacher: an encoder-decoder with ``generate`` (or a :class:`TranslationEnsemble`), or a causal language
+            model with ``generate``; ``tokenizer`` its tokenizer.
+        corpus: a ``DatasetDict``: for a translation teacher with ``source`` / ``target`` columns
+            (:func:`seqkd.pipeline.load_parallel_corpus`), for a language model with a ``text`` column
+            (:func:`seqkd.pipeline.load_corpus`); ``validation`` and ``test``, when present, are copied unchanged.
+        source_lang, target_lang: translation only: the file suffixes of the written corpus.
         bleu_tokenize: sacreBLEU's tokenizer for Seq-Inter's sentence BLEU ('none' for pretokenized text).
         max_source_length: sources are truncated to this many tokens, as training truncates them.
     Returns:
@@ -335,38 +423,57 @@ def write_distilled_data(
     from seqkd.evaluation import translate_n_best
     from seqkd.teacher_cache import _file_sha256, _whole_shards, _write_json_atomically, model_fingerprint, tokenizer_fingerprint
 
-    if not getattr(getattr(teacher, "config", None), "is_encoder_decoder", False) or not hasattr(teacher, "generate"):
+    config = getattr(teacher, "config", None)
+    translation = bool(getattr(config, "is_encoder_decoder", False))
+    if config is None or not hasattr(teacher, "generate"):
         raise InvalidValueError(
-            f"distill-data decodes translations: the teacher must be an encoder-decoder with generate(), got "
-            f"{type(teacher).__name__}"
+            f"distill-data decodes with the teacher: it must be a transformers model with generate(), got {type(teacher).__name__}"
         )
     if "train" not in corpus:
         raise InvalidValueError(f"the corpus has no 'train' split to distil; it has {sorted(corpus)}")
-    # One sentence per line: a line break inside a sentence (possible in Hub data) would shift every later pair.
-    sources = [_one_line(str(s)) for s in corpus["train"]["source"]]
-    references = [_one_line(str(t)) for t in corpus["train"]["target"]]
+    if translation:
+        if source_lang is None or target_lang is None:
+            raise InvalidValueError("a translation teacher's distilled corpus needs source_lang and target_lang")
+        # One sentence per line: a line break inside a sentence (possible in Hub data) would shift every later pair.
+        sources = [_one_line(str(s)) for s in corpus["train"]["source"]]
+        references = [_one_line(str(t)) for t in corpus["train"]["target"]]
+        split_files = {"source": f"{{split}}.{source_lang}", "target": f"{{split}}.{target_lang}"}
+    else:
+        if args.method == "seq_inter":
+            raise InvalidValueError(
+                "seq_inter chooses the hypothesis closest to a reference translation: a language model's corpus has "
+                "none; use method seq_kd"
+            )
+        # A language model continues each line's prefix; the line itself is the "reference" a mix puts back.
+        sources = references = [_one_line(str(t)) for t in corpus["train"]["text"]]
+        split_files = {"text": "{split}.txt"}
     if not sources:
         raise InvalidValueError("the corpus' train split is empty: there is nothing to distil")
     generation_config = getattr(teacher, "generation_config", None)
+    sampling = {"do_sample": True, "temperature": args.sample_temperature, "top_p": args.sample_top_p} if args.do_sample else {}
     # What decides the shards' bytes. Filters and the mix of gold targets only decide how the shards are assembled
-    # into train.*: they may change without decoding again.
+    # into train.*: they may change without decoding again. (Keys a translation run without sampling leaves at
+    # None keep its folders readable by later versions.)
     identity = {
         "format": 1,
+        "task": None if translation else "language_modeling",
         "method": args.method,
         "num_beams": args.num_beams,
         "num_return_sequences": args.candidates,
         "select_metric": args.select_metric if args.method == "seq_inter" else None,
         "bleu_tokenize": bleu_tokenize if args.method == "seq_inter" else None,
         "max_new_tokens": args.max_new_tokens,
+        "prefix_length": None if translation else args.prefix_length,
+        "sampling": {**sampling, "sample_seed": args.sample_seed} if sampling else None,
         "shard_sentences": args.shard_sentences,
-        "source_lang": source_lang,
-        "target_lang": target_lang,
+        "source_lang": source_lang if translation else None,
+        "target_lang": target_lang if translation else None,
         "teacher": teacher.fingerprints() if isinstance(teacher, TranslationEnsemble) else model_fingerprint(teacher),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": _text_sha256(sources),
         "references": _text_sha256(references),
         "batch_size": batch_size,
-        "max_source_length": max_source_length,
+        "max_source_length": max_source_length if translation else None,
         "generation_config": _text_sha256([generation_config.to_json_string()]) if generation_config else None,
     }
     assembly = {
@@ -385,6 +492,7 @@ def write_distilled_data(
     os.makedirs(os.path.join(output_dir, SHARD_DIR), exist_ok=True)
     num_shards = max(1, -(-len(sources) // args.shard_sentences))
     manifest = {**identity, "num_shards": num_shards, "shards": [], "complete": False}
+    train_files = [os.path.join(output_dir, pattern.format(split="train")) for pattern in split_files.values()]
     previous_decoding = None
     if os.path.isfile(manifest_path):
         existing = _read_manifest(output_dir)
@@ -396,8 +504,7 @@ def write_distilled_data(
                 f"(differs in {', '.join(changed)}): use a new output_dir, or rerun with the settings it was "
                 "started with"
             )
-        split_files = [os.path.join(output_dir, f"train.{lang}") for lang in (source_lang, target_lang)]
-        if existing.get("complete") and existing.get("assembly") == assembly and all(map(os.path.isfile, split_files)):
+        if existing.get("complete") and existing.get("assembly") == assembly and all(map(os.path.isfile, train_files)):
             logger.info("distilled data in %s is complete, nothing to do", output_dir)
             return existing
         manifest["shards"] = _whole_shards(output_dir, existing.get("shards", []), what="distilled-data")
@@ -413,18 +520,30 @@ def write_distilled_data(
     progress = tqdm(total=len(sources), initial=done, desc="distill-data", disable=not show_progress, unit="sent")
     for index in range(len(manifest["shards"]), num_shards):
         start, stop = index * args.shard_sentences, min((index + 1) * args.shard_sentences, len(sources))
-        n_best = translate_n_best(
-            teacher, tokenizer, sources[start:stop], num_beams=args.num_beams, num_return_sequences=args.candidates,
-            max_new_tokens=args.max_new_tokens, batch_size=batch_size, max_source_length=max_source_length,
-            device=device, show_progress=False,
-        )  # fmt: skip
+        # Every shard draws from its own seed (and leaves the caller's generator alone): a resumed run samples
+        # what an uninterrupted one did.
+        with torch.random.fork_rng():
+            torch.manual_seed(args.sample_seed + index)
+            if translation:
+                n_best = translate_n_best(
+                    teacher, tokenizer, sources[start:stop], num_beams=args.num_beams,
+                    num_return_sequences=args.candidates, max_new_tokens=args.max_new_tokens, batch_size=batch_size,
+                    max_source_length=max_source_length, device=device, show_progress=False, **sampling,
+                )  # fmt: skip
+            else:
+                continuations = continue_prefixes(
+                    teacher, tokenizer, sources[start:stop], prefix_length=args.prefix_length,
+                    max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=batch_size, device=device,
+                    **sampling,
+                )  # fmt: skip
+                n_best = [[continuation] for continuation in continuations]
         hypotheses = []
         for candidates, reference in zip(n_best, references[start:stop]):
             chosen = 0
             if args.method == "seq_inter":
                 chosen = select_closest(candidates, reference, metric=args.select_metric, tokenize=bleu_tokenize)
             hypotheses.append(_one_line(candidates[chosen]))
-        name = os.path.join(SHARD_DIR, f"shard-{index:05d}.{target_lang}")
+        name = os.path.join(SHARD_DIR, f"shard-{index:05d}.{target_lang if translation else 'txt'}")
         path = os.path.join(output_dir, name)
         _write_lines_atomically(path, hypotheses)
         manifest["shards"].append(
@@ -458,13 +577,16 @@ def write_distilled_data(
             kept_targets.append(reference)
     if not kept_targets:
         raise InvalidValueError(f"every one of the {len(sources)} distilled pairs was filtered out ({dict(dropped)}): loosen the filters")
-    _write_lines_atomically(os.path.join(output_dir, f"train.{source_lang}"), kept_sources)
-    _write_lines_atomically(os.path.join(output_dir, f"train.{target_lang}"), kept_targets)
+    if translation:
+        _write_lines_atomically(os.path.join(output_dir, f"train.{source_lang}"), kept_sources)
+        _write_lines_atomically(os.path.join(output_dir, f"train.{target_lang}"), kept_targets)
+    else:
+        _write_lines_atomically(os.path.join(output_dir, "train.txt"), kept_targets)
     for split in ("validation", "test"):
         if split in corpus:
-            for lang, column in ((source_lang, "source"), (target_lang, "target")):
+            for column, pattern in split_files.items():
                 lines = [_one_line(str(x)) for x in corpus[split][column]]
-                _write_lines_atomically(os.path.join(output_dir, f"{split}.{lang}"), lines)
+                _write_lines_atomically(os.path.join(output_dir, pattern.format(split=split)), lines)
     manifest.update(
         complete=True,
         assembly=assembly,
@@ -511,6 +633,7 @@ __all__ = [
     "DistillDataArguments",
     "TranslationEnsemble",
     "check_complete",
+    "continue_prefixes",
     "drop_reason",
     "select_closest",
     "write_distilled_data",

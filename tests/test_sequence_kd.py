@@ -182,11 +182,11 @@ def test_bad_settings_are_refused(fields, message):
 
 
 def test_bad_teachers_and_folders_are_refused(recipe, teacher, tmp_path, cyclic_corpus_dir):  # noqa: F811
-    # A language model cannot translate.
+    # A language model does not translate.
     lm = tmp_path / "lm"
     main(["train", "--model", "lstm", "--dataset", str(cyclic_corpus_dir), "--output_dir", str(lm), "--max_steps", "2",
           "--loss", "ce", "--use_cpu", "true", "--report_to", "none", "--model_config", '{"hidden_size": 8, "embedding_size": 8, "num_layers": 1}'])  # fmt: skip
-    with pytest.raises(ValueError, match="the teacher must be an encoder-decoder with generate"):
+    with pytest.raises(ValueError, match="is a language model but the recipe is a translation task"):
         run(*distill_argv(recipe, lm / "model", tmp_path / "x"))
     # A folder holding other data.
     other = tmp_path / "other"
