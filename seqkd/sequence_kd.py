@@ -52,7 +52,9 @@ class DistillDataArguments:
             "choices": list(METHODS),
         },
     )
-    num_beams: int = field(default=5, metadata={"help": "Beam size of the teacher's decoding (1 = greedy)."})
+    num_beams: int | None = field(
+        default=None, metadata={"help": "Beam size of the teacher's decoding (1 = greedy); default 5, or 1 with do_sample."}
+    )
     num_return_sequences: int | None = field(
         default=None,
         metadata={"help": "seq_inter: how many of the beam's best hypotheses to choose from (Kim & Rush: 35); "
@@ -115,6 +117,8 @@ class DistillDataArguments:
             raise InvalidValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.select_metric not in SELECT_METRICS:
             raise InvalidValueError(f"select_metric must be 'bleu' or 'chrf', got {self.select_metric!r}")
+        if self.num_beams is None:
+            self.num_beams = 1 if self.do_sample else 5
         if self.num_beams < 1:
             raise InvalidValueError(f"num_beams must be >= 1, got {self.num_beams}")
         k = self.candidates

@@ -136,3 +136,8 @@ def test_bad_lm_inputs_are_refused(cyclic_corpus_dir, lm_teacher, tmp_path, reci
 def test_bad_sampling_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         DistillDataArguments(**fields)
+
+
+def test_sampling_decodes_one_hypothesis_by_default():
+    assert DistillDataArguments().num_beams == 5
+    assert DistillDataArguments(do_sample=True).num_beams == 1
