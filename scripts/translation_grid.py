@@ -1,11 +1,16 @@
-"""Label-smoothed vs plain teachers, distilled into students, on a translation corpus: the whole grid.
+"""Teachers distilled into students on a translation corpus, word level and sequence level: the whole grid.
 
     python scripts/translation_grid.py recipes/students_multi30k.yaml --data_dir ../shared/data [--field value ...]
+    python scripts/translation_grid.py recipes/sequence_kd_multi30k.yaml --data_dir ../shared/data
 
-Trains each teacher of the grid recipe (skipping those already trained), measures its BLEU, chrF, perplexity
-and stability, trains every student by every loss ('ce' once, from labels; the others once per teacher), and
-writes OUTPUT/results.md and OUTPUT/bleu.png. Fields after the recipe override every run. A restarted grid
-skips finished runs and resumes unfinished ones from their last checkpoint.
+Trains every student that learns from labels alone, then teacher by teacher: the teacher (skipped when already
+trained), its BLEU, chrF, perplexity and stability, and every student it teaches: by a word-level loss
+(``kd``, ``dkd``, ...), by training on the teacher's distilled data (a ``data`` entry naming a corpus of the
+recipe's ``distilled_data`` section, decoded by ``seqkd distill-data`` just before the first student that
+reads it), or both. ``eval_num_beams`` adds test BLEU and chrF with those beams. OUTPUT/results.md,
+OUTPUT/rows.json and OUTPUT/bleu.png are rewritten after every finished run. Fields after the recipe override
+every run. A restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an
+interrupted distilled corpus from its last whole shard).
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import sys
 
 import yaml
 
-from seqkd.cli import command_evaluate, command_train
+from seqkd.cli import command_distill_data, command_evaluate, command_train
+from seqkd.sequence_kd import MANIFEST_FILE
 
-GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir"}
+GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams"}
+TEACHER_FREE_LOSSES = ("ce", "ls")
 
 
 def _argv(fields: dict) -> list[str]:
@@ -39,7 +46,7 @@ def _metrics(run_dir: str) -> dict | None:
         return json.load(f)
 
 
-def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = None) -> list[dict]:
+def _read_grid(recipe_path: str) -> dict:
     with open(recipe_path) as f:
         grid = yaml.safe_load(f)
     unknown = set(grid) - GRID_KEYS
@@ -48,19 +55,115 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
     for key in ("teachers", "students", "losses"):
         if not grid.get(key):
             raise ValueError(f"grid recipe {recipe_path} needs a non-empty {key!r} section")
+    data = grid.get("distilled_data") or {}
+    for loss_name, loss_fields in grid["losses"].items():
+        name = loss_fields.get("data", "gold")
+        if name != "gold" and name not in data:
+            raise ValueError(
+                f"loss {loss_name!r} of grid recipe {recipe_path} trains on data {name!r}, which its distilled_data "
+                f"section does not define (it defines {sorted(data) or 'none'}); use 'gold' or add it there"
+            )
+    beams = grid.get("eval_num_beams") or []
+    if not all(isinstance(k, int) and k >= 1 for k in beams):
+        raise ValueError(f"eval_num_beams of grid recipe {recipe_path} must list beam sizes >= 1, got {beams}")
+    return grid
+
+
+def _student_cells(grid: dict, teacher: str | None):
+    """(student, loss name, loss fields, data name) of every run taught by ``teacher`` (None: by labels alone)."""
+    for student in grid["students"]:
+        for loss_name, loss_fields in grid["losses"].items():
+            data = loss_fields.get("data", "gold")
+            # A run depends on a teacher through its loss (word-level KD) or through its data (distilled targets).
+            taught = loss_fields.get("loss") not in TEACHER_FREE_LOSSES or data != "gold"
+            if taught == (teacher is not None):
+                yield student, loss_name, {k: v for k, v in loss_fields.items() if k != "data"}, data
+
+
+def _beam_metrics(run_dir: str, recipe: str, overrides: list[str], num_beams: int) -> dict:
+    """Test BLEU and chrF of the run's model decoding with a beam of ``num_beams``, computed once and kept."""
+    path = os.path.join(run_dir, f"test_beam{num_beams}.json")
+    if not os.path.exists(path):
+        evaluated = command_evaluate(
+            [recipe, *overrides, "--model_name_or_path", os.path.join(run_dir, "model"), "--split", "test",
+             "--generation_num_beams", str(num_beams), "--output_dir", os.path.join(run_dir, "eval")]
+        )  # fmt: skip
+        with open(path + ".partial", "w") as f:
+            json.dump({"bleu": evaluated["bleu"], "chrf": evaluated["chrf"]}, f, indent=2)
+        os.replace(path + ".partial", path)
+    with open(path) as f:
+        scores = json.load(f)
+    return {f"test_bleu_beam{num_beams}": scores["bleu"], f"test_chrf_beam{num_beams}": scores["chrf"]}
+
+
+def _distilled_data(output: str, name: str, fields: dict, teacher: str, teacher_recipe: str, teacher_model: str,
+                    overrides: list[str]) -> dict:
+    """The teacher's distilled corpus ``name`` (written once by ``seqkd distill-data``, resumed if interrupted)."""
+    data_dir = os.path.join(output, f"data-{name}-from-{teacher}")
+    manifest_path = os.path.join(data_dir, MANIFEST_FILE)
+    complete = False
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            complete = bool(json.load(f).get("complete"))
+    if not complete:
+        print(f"\n=== distilled data {name} from teacher {teacher} ===", flush=True)
+        command_distill_data([teacher_recipe, *_argv(fields), *overrides, "--teacher_model_name_or_path", teacher_model,
+                              "--output_dir", data_dir])  # fmt: skip
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    decoding = manifest.get("decoding") or {}
+    return {"role": "data", "name": name, "teacher": teacher, "dir": os.path.basename(data_dir),
+            "method": manifest["method"], **manifest["counts"], "decode_seconds": decoding.get("seconds"),
+            "sentences_per_second": decoding.get("sentences_per_second")}  # fmt: skip
+
+
+def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = None) -> list[dict]:
+    """Train and score every run of the grid, teacher by teacher, writing the tables after each finished run."""
+    grid = _read_grid(recipe_path)
     here = os.path.dirname(os.path.abspath(recipe_path))
     output = output_dir or grid.get("output_dir", "runs/grid")
+    beams = grid.get("eval_num_beams") or []
+    teacher_recipes = {name: os.path.join(here, path) for name, path in grid["teachers"].items()}
+    # The data fields (corpus, languages, tokenization) of every student are the first teacher's.
+    base_recipe = next(iter(teacher_recipes.values()))
     rows = []
 
-    teacher_dirs = {}
-    for name, teacher_recipe in grid["teachers"].items():
-        teacher_recipe = os.path.join(here, teacher_recipe)
+    def scored(run_dir: str, recipe: str) -> dict:
+        extra = {}
+        for k in beams:
+            extra.update(_beam_metrics(run_dir, recipe, overrides, k))
+        return {**_metrics(run_dir), **extra}
+
+    def train_students(teacher: str | None, teacher_model: str | None):
+        for student, loss_name, loss_fields, data in _student_cells(grid, teacher):
+            run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else ""))
+            if _metrics(run_dir) is None:
+                print(f"\n=== student {student}, {loss_name}" + (f" from teacher {teacher}" if teacher else "") + " ===", flush=True)
+                fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
+                distill = loss_fields.get("loss") not in TEACHER_FREE_LOSSES
+                if distill:
+                    fields["teacher_model_name_or_path"] = teacher_model
+                if data != "gold":
+                    row = _distilled_data(output, data, grid["distilled_data"][data], teacher, teacher_recipes[teacher],
+                                          teacher_model, overrides)  # fmt: skip
+                    if not any(r["role"] == "data" and r["dir"] == row["dir"] for r in rows):
+                        rows.append(row)
+                    # The student reads the teacher's subwords: a tokenizer trained on distilled text would differ.
+                    fields.update(dataset=os.path.join(output, row["dir"]), tokenizer=teacher_model)
+                command_train([base_recipe, *_argv(fields), *overrides, "--output_dir", run_dir], distill=distill)
+            elif data != "gold" and not any(r["role"] == "data" and r["name"] == data and r["teacher"] == teacher for r in rows):
+                rows.append(_distilled_data(output, data, grid["distilled_data"][data], teacher, teacher_recipes[teacher],
+                                            teacher_model, overrides))  # fmt: skip
+            rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "", "data": data,
+                         "run": os.path.basename(run_dir), **scored(run_dir, base_recipe)})  # fmt: skip
+            write_results(rows, output, quiet=True)
+
+    train_students(None, None)
+    for name, teacher_recipe in teacher_recipes.items():
         run_dir = os.path.join(output, f"teacher-{name}")
-        teacher_dirs[name] = (teacher_recipe, run_dir)
         if _metrics(run_dir) is None:
             print(f"\n=== teacher {name} ===", flush=True)
             command_train([teacher_recipe, *overrides, "--output_dir", run_dir], distill=False)
-        metrics = _metrics(run_dir)
         stability_path = os.path.join(run_dir, "stability.json")
         if not os.path.exists(stability_path):
             evaluated = command_evaluate(
@@ -70,46 +173,57 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             with open(stability_path, "w") as f:
                 json.dump(evaluated, f, indent=2)
         with open(stability_path) as f:
-            metrics["stability"] = json.load(f)["stability"]
-        rows.append({"role": "teacher", "name": name, "loss": name, "teacher": "", "run": os.path.basename(run_dir), **metrics})
-
-    base_recipe = next(iter(teacher_dirs.values()))[0]
-    for student, student_fields in grid["students"].items():
-        for loss_name, loss_fields in grid["losses"].items():
-            teachers = [None] if loss_fields.get("loss") in ("ce", "ls") else list(teacher_dirs)
-            for teacher in teachers:
-                run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else ""))
-                if _metrics(run_dir) is None:
-                    print(f"\n=== student {student}, {loss_name}" + (f" from teacher {teacher}" if teacher else "") + " ===", flush=True)
-                    fields = {**grid.get("training", {}), **student_fields, **loss_fields}
-                    if teacher:
-                        fields["teacher_model_name_or_path"] = os.path.join(teacher_dirs[teacher][1], "model")
-                    command_train([base_recipe, *_argv(fields), *overrides, "--output_dir", run_dir], distill=bool(teacher))
-                rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "",
-                             "run": os.path.basename(run_dir), **_metrics(run_dir)})  # fmt: skip
+            stability = json.load(f)["stability"]
+        rows.append({"role": "teacher", "name": name, "loss": name, "teacher": "", "run": os.path.basename(run_dir),
+                     **scored(run_dir, teacher_recipe), "stability": stability})  # fmt: skip
+        write_results(rows, output, quiet=True)
+        train_students(name, os.path.join(run_dir, "model"))
     write_results(rows, output)
     return rows
 
 
-def write_results(rows: list[dict], output: str) -> None:
+def _beam_sizes(rows: list[dict]) -> list[int]:
+    found = {int(key[len("test_bleu_beam"):]) for r in rows for key in r if key.startswith("test_bleu_beam")}
+    return sorted(found)
+
+
+def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
+    """OUTPUT/results.md (the tables), rows.json and bleu.png, from the rows finished so far."""
     teachers = [r for r in rows if r["role"] == "teacher"]
     students = [r for r in rows if r["role"] == "student"]
-    lines = ["# Label-smoothed vs plain teachers, distilled", "", "## Teachers", "",
-             "| teacher | test BLEU | test chrF | test perplexity | validation BLEU | validation stability | train time (s) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    data = [r for r in rows if r["role"] == "data"]
+    beams = _beam_sizes(teachers + students)
+    beam_heads = "".join(f" test BLEU beam {k} | test chrF beam {k} |" for k in beams)
+
+    def beam_cells(r: dict) -> str:
+        return "".join(f" {_number(r.get(f'test_bleu_beam{k}'), '.2f')} | {_number(r.get(f'test_chrf_beam{k}'), '.2f')} |"
+                       for k in beams)  # fmt: skip
+
+    lines = ["# Teachers and distilled students", "", "Test BLEU and chrF decode greedily unless a column names a beam.",
+             "", "## Teachers", "",
+             f"| teacher | test BLEU | test chrF |{beam_heads} test perplexity | validation BLEU | validation stability | train time (s) |",
+             "|---|---|---|" + "---|---|" * len(beams) + "---|---|---|---|"]  # fmt: skip
     for r in teachers:
         lines.append(
-            f"| {r['name']} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} | {r['test_perplexity']:.2f} | "
+            f"| {r['name']} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} |{beam_cells(r)} {r['test_perplexity']:.2f} | "
             f"{_number(r.get('validation_bleu'), '.2f')} | {r['stability']:.4f} | {_number(r.get('train_runtime_s'), '.0f')} |"
         )
+    if data:
+        lines += ["", "## Distilled data", "",
+                  "| data | teacher | method | sources | pairs kept | decoding time (s) | sentences/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in data:
+            lines.append(f"| {r['name']} | {r['teacher']} | {r['method']} | {r['sources']} | {r['pairs']} | "
+                         f"{_number(r.get('decode_seconds'), '.0f')} | {_number(r.get('sentences_per_second'), '.1f')} |")  # fmt: skip
     lines += ["", "## Students", "",
-              "| student | loss | teacher | test BLEU | test chrF | vs CE-only BLEU | train time (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+              f"| student | loss | teacher | training targets | test BLEU | test chrF |{beam_heads} vs CE-only BLEU | train time (s) |",
+              "|---|---|---|---|---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
     ce_only = {r["name"]: r["test_bleu"] for r in students if r["teacher"] == ""}
     for r in students:
         delta = r["test_bleu"] - ce_only.get(r["name"], float("nan"))
+        targets = "gold" if r.get("data", "gold") == "gold" else f"{r['data']} from {r['teacher']}"
         lines.append(
-            f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} | "
-            f"{'' if r['teacher'] == '' else f'{delta:+.2f}'} | {_number(r.get('train_runtime_s'), '.0f')} |"
+            f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {targets} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} |"
+            f"{beam_cells(r)} {'' if r['teacher'] == '' else f'{delta:+.2f}'} | {_number(r.get('train_runtime_s'), '.0f')} |"
         )
     lines += _teacher_comparison(teachers, students)
     os.makedirs(output, exist_ok=True)
@@ -118,7 +232,8 @@ def write_results(rows: list[dict], output: str) -> None:
     with open(os.path.join(output, "rows.json"), "w") as f:  # what scripts/paired_bleu.py compares
         json.dump(rows, f, indent=2)
     _plot(teachers, students, output)
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def _number(value, spec: str) -> str:

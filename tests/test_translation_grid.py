@@ -71,3 +71,56 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
     assert table.count("\n") == len(compared) + 1 and "| tiny-ce | tiny-kd-from-ce |" in table
     with pytest.raises(FileNotFoundError, match="no finished grid"):
         paired.paired_rows(str(grid), [], "test", str(tmp_path / "nothing-here"))
+
+
+def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(recipe, tmp_path):  # noqa: F811
+    teacher = yaml.safe_load(recipe.read_text())
+    (tmp_path / "ls.yaml").write_text(yaml.safe_dump({**teacher, "num_train_epochs": 3}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "teachers": {"ls": "ls.yaml"},
+                "students": {"tiny": {"model": "marian-tiny"}},
+                "distilled_data": {"seq-kd": {"method": "seq_kd", "num_beams": 2, "max_new_tokens": 24}},
+                "losses": {"ce": {"loss": "ce"}, "seq-kd": {"loss": "ce", "data": "seq-kd"},
+                           "seq-kd+word-kd": {"loss": "kd", "data": "seq-kd"}},
+                "training": {"num_train_epochs": 1},
+                "eval_num_beams": [2],
+            },
+            sort_keys=False,
+        )  # fmt: skip
+    )
+    module = load_script()
+    out = tmp_path / "out"
+    rows = module.run_grid(str(grid), [], str(out))
+    students = {r["loss"]: r for r in rows if r["role"] == "student"}
+    assert set(students) == {"ce", "seq-kd", "seq-kd+word-kd"}
+    assert students["ce"]["teacher"] == "" and students["seq-kd"]["teacher"] == "ls"  # distilled targets are taught
+    assert students["seq-kd"]["data"] == students["seq-kd+word-kd"]["data"] == "seq-kd"
+    # one corpus per teacher, decoded once however many students read it, with its decoding figures
+    (data,) = [r for r in rows if r["role"] == "data"]
+    assert data["dir"] == "data-seq-kd-from-ls" and data["pairs"] == 400 and data["sentences_per_second"] > 0
+    # the Seq-KD student trained on the teacher's outputs, in the teacher's subwords
+    distilled_targets = (out / "data-seq-kd-from-ls" / "train.en").read_text().splitlines()
+    gold_targets = (Path(teacher["dataset"]) / "train.en").read_text().splitlines()
+    assert len(distilled_targets) == len(gold_targets) and distilled_targets != gold_targets
+    assert (out / "tiny-seq-kd-from-ls" / "model" / "tokenizer.json").read_text() == (
+        out / "teacher-ls" / "model" / "tokenizer.json").read_text()  # fmt: skip
+    for r in rows:
+        if r["role"] != "data":
+            assert 0 <= r["test_bleu_beam2"] <= 100 and 0 <= r["test_chrf_beam2"] <= 100
+    results = (out / "results.md").read_text()
+    assert "test BLEU beam 2" in results and "## Distilled data" in results
+    assert "| tiny | seq-kd | ls | seq-kd from ls |" in results
+    stamp = (out / "data-seq-kd-from-ls" / "distill_manifest.json").stat().st_mtime_ns
+    module.run_grid(str(grid), [], str(out))  # finished: neither decoded nor scored again
+    assert (out / "data-seq-kd-from-ls" / "distill_manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_grid_refuses_a_loss_on_undefined_data(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"teachers": {"a": "a.yaml"}, "students": {"s": {}},
+                                    "losses": {"seq-kd": {"loss": "ce", "data": "seq-kd"}}}))  # fmt: skip
+    with pytest.raises(ValueError, match="data 'seq-kd'.*defines none"):
+        load_script().run_grid(str(grid), [], str(tmp_path / "out"))
