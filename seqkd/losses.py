@@ -32,8 +32,10 @@ from torch import Tensor
 from seqkd.errors import InvalidValueError
 
 __all__ = [
+    "DISTILLATION_TERMS",
     "DIVERGENCES",
     "LOSS_NAMES",
+    "DistillationTerm",
     "LossOutput",
     "SparseTeacher",
     "cwtm_loss",
@@ -42,11 +44,13 @@ __all__ = [
     "dkpp_loss",
     "kd_loss",
     "label_smoothed_cross_entropy",
+    "loss_names",
+    "register_distillation_term",
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
-LOSS_NAMES = ("ce", "ls", "kd", "ban", "dkd", "cwtm", "dkpp")
+LOSS_NAMES = ("ce", "ls", "kd", "ban", "dkd", "cwtm", "dkpp")  # the built-in ones; loss_names() adds registered terms
 SPARSE_TAILS = ("uniform", "student")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Elements of one chunk of logits (16 MiB in float32): small enough that the temporaries stay cheap, large
@@ -883,7 +887,84 @@ def dkpp_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The combinator the trainer calls.
+# The registry of distillation terms, and the combinator the trainer calls.
+
+
+@dataclass(frozen=True)
+class DistillationTerm:
+    """A registered distillation term: ``compute(student_logits, teacher_logits, labels, options, **common)``.
+
+    ``options`` holds every option of :func:`distillation_loss` (``temperature``, ``divergence``, ``jsd_beta``,
+    ``alpha``, ``beta``, ``generator``); ``common`` the reduction arguments. ``part`` is the name its value is
+    logged under, ``own_parts`` those of its own parts that are logged beside it.
+    """
+
+    name: str
+    compute: Callable[..., LossOutput]
+    part: str
+    own_parts: tuple[str, ...] = ()
+    default_temperature: float = 1.0
+    forward_kl: Callable[[dict], bool] = staticmethod(lambda options: False)
+
+
+DISTILLATION_TERMS: dict[str, DistillationTerm] = {}
+
+
+def register_distillation_term(
+    name: str, *, part: str | None = None, own_parts: tuple[str, ...] = (), default_temperature: float = 1.0,
+    forward_kl: Callable[[dict], bool] | None = None,
+):
+    """Register ``fn(student_logits, teacher_logits, labels, options, **common) -> LossOutput`` as the loss
+    ``name`` of :func:`distillation_loss` (and of the trainer's ``loss`` field): the gold-label term plus it.
+    ``forward_kl(options)`` says when the term is forward KL, which the gold term may share one softmax with."""
+    if name in ("ce", "ls") or name in DISTILLATION_TERMS:
+        raise InvalidValueError(f"a loss named {name!r} is registered already: choose another name")
+
+    def register(fn):
+        DISTILLATION_TERMS[name] = DistillationTerm(
+            name, fn, part or name, own_parts, default_temperature, forward_kl or (lambda options: False)
+        )
+        return fn
+
+    return register
+
+
+def loss_names() -> tuple[str, ...]:
+    """Every loss name :func:`distillation_loss` accepts: 'ce', 'ls' and the registered distillation terms."""
+    return ("ce", "ls", *DISTILLATION_TERMS)
+
+
+def _is_forward_kl_kd(options: dict) -> bool:
+    return options["divergence"] == "forward_kl" or (options["divergence"] == "jsd" and options["jsd_beta"] == 0)
+
+
+@register_distillation_term("kd", forward_kl=_is_forward_kl_kd)
+def _kd_term(student_logits, teacher_logits, labels, options, **common):
+    return kd_loss(student_logits, teacher_logits, labels, temperature=options["temperature"],
+                   divergence=options["divergence"], jsd_beta=options["jsd_beta"], **common)  # fmt: skip
+
+
+@register_distillation_term("ban", part="kd", forward_kl=lambda options: True)
+def _ban_term(student_logits, teacher_logits, labels, options, **common):
+    # Born-Again BAN+L is the gold term plus forward-KL KD, whatever `divergence` says.
+    return kd_loss(student_logits, teacher_logits, labels, temperature=options["temperature"], **common)
+
+
+@register_distillation_term("dkd", own_parts=("tckd", "nckd"), default_temperature=4.0)
+def _dkd_term(student_logits, teacher_logits, labels, options, **common):
+    return dkd_loss(student_logits, teacher_logits, labels, alpha=options["alpha"], beta=options["beta"],
+                    temperature=options["temperature"], **common)  # fmt: skip
+
+
+@register_distillation_term("cwtm")
+def _cwtm_term(student_logits, teacher_logits, labels, options, **common):
+    return cwtm_loss(student_logits, teacher_logits, labels, temperature=options["temperature"], **common)
+
+
+@register_distillation_term("dkpp")
+def _dkpp_term(student_logits, teacher_logits, labels, options, **common):
+    return dkpp_loss(student_logits, teacher_logits, labels, generator=options["generator"],
+                     temperature=options["temperature"], **common)  # fmt: skip
 
 
 def distillation_loss(
@@ -916,23 +997,26 @@ def distillation_loss(
       - ``"dkd"``: gold term + :func:`dkd_loss` (``alpha``, ``beta``).
       - ``"cwtm"``: gold term + :func:`cwtm_loss` (set ``ce_weight=0`` for the paper's CWTM alone).
       - ``"dkpp"``: gold term + :func:`dkpp_loss` (``generator``).
+      - any name registered with :func:`register_distillation_term`.
 
-    ``temperature`` defaults to 4 for ``"dkd"`` (the DKD paper) and 1 otherwise. A weight of 0 skips that
-    term. Parts: ``"ce"`` (the gold term; with label smoothing also ``"nll"``), the distillation term under
-    the loss' name (``"kd"``, ``"dkd"``, ``"cwtm"``, ``"dkpp"``), and that loss' own parts (``"tckd"``,
-    ``"nckd"``). Each part is unweighted; ``loss`` is the weighted sum.
+    ``temperature`` defaults to the term's own default (4 for ``"dkd"``, the DKD paper's; else 1). A weight of
+    0 skips that term. Parts: ``"ce"`` (the gold term; with label smoothing also ``"nll"``), the distillation
+    term under its part name (``"kd"``, ``"dkd"``, ``"cwtm"``, ``"dkpp"``), and that term's own parts
+    (``"tckd"``, ``"nckd"``). Each part is unweighted; ``loss`` is the weighted sum.
     """
-    _check_choice("loss name", name, LOSS_NAMES)
+    _check_choice("loss name", name, loss_names())
     _check_non_negative("ce_weight", ce_weight)
     _check_non_negative("kd_weight", kd_weight)
     if label_smoothing is None:
         label_smoothing = 0.1 if name == "ls" else 0.0
     _check_epsilon(label_smoothing)
+    term = DISTILLATION_TERMS.get(name)
     if temperature is None:
-        temperature = 4.0 if name == "dkd" else 1.0
+        temperature = term.default_temperature if term is not None else 1.0
     _check_temperature(temperature)
-    uses_teacher = name not in ("ce", "ls")
-    forward_kl = name == "ban" or (name == "kd" and (divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0)))
+    options = {"temperature": temperature, "divergence": divergence, "jsd_beta": jsd_beta, "alpha": alpha,
+               "beta": beta, "generator": generator}  # fmt: skip
+    forward_kl = term is not None and term.forward_kl(options)
     if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student" and kd_weight > 0:
         if not forward_kl or temperature != 1.0:
             raise InvalidValueError(
@@ -940,7 +1024,7 @@ def distillation_loss(
                 f"'forward_kl', and 'ban') at temperature 1, got loss {name!r} at temperature {temperature}; use "
                 "tail='uniform'"
             )
-    if uses_teacher and teacher_logits is None and kd_weight > 0:
+    if term is not None and teacher_logits is None and kd_weight > 0:
         raise InvalidValueError(f"loss {name!r} needs teacher_logits; use 'ce' or 'ls' to train from labels alone")
     common = {
         "ignore_index": ignore_index,
@@ -956,33 +1040,18 @@ def distillation_loss(
         )  # fmt: skip
     terms: list[tuple[float, LossOutput]] = []
     parts: dict[str, Tensor] = {}
-    if not uses_teacher or ce_weight > 0:
+    if term is None or ce_weight > 0:
         gold = label_smoothed_cross_entropy(student_logits, labels, epsilon=label_smoothing, **common)
         parts["ce"] = gold.loss.detach()
         if label_smoothing > 0:
             parts["nll"] = gold.parts["nll"]
-        terms.append((1.0 if not uses_teacher else ce_weight, gold))
-    if uses_teacher and kd_weight > 0:
-        if name in ("kd", "ban"):
-            divergence_used = "forward_kl" if name == "ban" else divergence
-            term = kd_loss(
-                student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence_used,
-                jsd_beta=jsd_beta, **common,
-            )  # fmt: skip
-        elif name == "dkd":
-            term = dkd_loss(
-                student_logits, teacher_logits, labels, alpha=alpha, beta=beta, temperature=temperature, **common
-            )
-        elif name == "cwtm":
-            term = cwtm_loss(student_logits, teacher_logits, labels, temperature=temperature, **common)
-        else:
-            term = dkpp_loss(
-                student_logits, teacher_logits, labels, generator=generator, temperature=temperature, **common
-            )
-        parts["kd" if name == "ban" else name] = term.loss.detach()
-        parts.update({k: v for k, v in term.parts.items() if k not in ("kd", "dkpp", "cwtm", "nll")})
-        terms.append((kd_weight, term))
-    loss = sum(weight * term.loss for weight, term in terms)
+        terms.append((1.0 if term is None else ce_weight, gold))
+    if term is not None and kd_weight > 0:
+        value = term.compute(student_logits, teacher_logits, labels, options, **common)
+        parts[term.part] = value.loss.detach()
+        parts.update({k: v for k, v in value.parts.items() if k in term.own_parts})
+        terms.append((kd_weight, value))
+    loss = sum(weight * value.loss for weight, value in terms)
     if not terms:  # both weights 0: a zero loss that still backpropagates
         loss = student_logits.sum() * 0.0
     return LossOutput(loss=loss, parts=parts)

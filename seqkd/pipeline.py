@@ -80,7 +80,9 @@ class DataArguments:
     max_source_length: int = field(default=128, metadata={"help": "Translation: truncate sources to this many tokens."})
     max_target_length: int = field(default=128, metadata={"help": "Translation: truncate targets to this many tokens."})
     max_train_examples: int | None = field(
-        default=None, metadata={"help": "Translation: use only the first N training pairs (quick runs and tests)."}
+        default=None,
+        metadata={"help": "Translation: use only the first N training pairs; batching 'prompts': the first N lines "
+                  "(quick runs and tests)."},  # fmt: skip
     )
     data_dir: str | None = field(
         default=None,
@@ -100,9 +102,15 @@ class DataArguments:
         default="auto",
         metadata={
             "help": "'stream' (contiguous streams, state carried: truncated BPTT), 'blocks' (fixed-length blocks), "
-            "or 'auto' (stream for the LSTM, blocks for Transformers).",
-            "choices": ["auto", "stream", "blocks"],
+            "'prompts' (each training line a prompt of prompt_length tokens and its completion: on-policy "
+            "distillation, lmbda; evaluation as 'auto'), or 'auto' (stream for the LSTM, blocks for Transformers).",
+            "choices": ["auto", "stream", "blocks", "prompts"],
         },
+    )
+    prompt_length: int = field(
+        default=5,
+        metadata={"help": "batching 'prompts': the prompt is a line's first this many tokens (after the end-of-sentence "
+                  "token before it); shorter lines are left out."},  # fmt: skip
     )
     seq_len: int = field(default=35, metadata={"help": "Tokens per row of a batch: the BPTT length or block size."})
     max_train_tokens: int | None = field(
@@ -332,7 +340,7 @@ def build_translation_datasets(corpus, tokenizer, data_args: DataArguments, spli
 
 
 def uses_streams(model: PreTrainedModel, data_args: DataArguments) -> bool:
-    """Whether a language model trains on stateful streams (truncated BPTT) rather than fixed blocks."""
+    """Whether a language model trains on stateful streams (truncated BPTT) rather than fixed blocks (or prompts)."""
     if data_args.batching == "auto":
         from seqkd.evaluation import is_stateful
 
@@ -340,8 +348,8 @@ def uses_streams(model: PreTrainedModel, data_args: DataArguments) -> bool:
     return data_args.batching == "stream"
 
 
-def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bool, splits: list[str]):
-    """The train split and the evaluation splits, as stream batches or blocks."""
+def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bool, splits: list[str], *, with_train: bool = True):
+    """The train split (None unless ``with_train``) and the evaluation splits, as stream batches or blocks."""
     from seqkd.data.text import StreamBatches, encode_stream, group_texts
 
     def ids(split, limit):
@@ -363,7 +371,7 @@ def build_datasets(corpus, tokenizer, data_args: DataArguments, args, stream: bo
     for split in ["train", *splits]:
         if split not in corpus:
             raise InvalidValueError(f"the corpus has no {split!r} split; it has {sorted(corpus)}")
-    train = make("train", args.per_device_train_batch_size, data_args.max_train_tokens)
+    train = make("train", args.per_device_train_batch_size, data_args.max_train_tokens) if with_train else None
     evals = {split: make(split, args.per_device_eval_batch_size, data_args.max_eval_tokens) for split in splits}
     return train, evals
 
@@ -414,12 +422,27 @@ def build_pipeline(model_args: ModelArguments, data_args: DataArguments, args, t
     tokenizer = build_tokenizer(data_args, corpus, teacher_path)
     build = model_factory(model_args, tokenizer, allow_pickle=getattr(args, "allow_pickle_weights", False))
     model = build()
+    if data_args.batching == "prompts":
+        return _prompt_pipeline(corpus, tokenizer, build, model, data_args, args, splits)
     streams = uses_streams(model, data_args)
     train, evals = build_datasets(corpus, tokenizer, data_args, args, streams, splits)
     # Fixed-length blocks need no padding (the word tokenizer has no pad token): stack them as they are.
     from transformers import default_data_collator
 
     return Pipeline(tokenizer, build, model, train, evals, None if streams else default_data_collator)
+
+
+def _prompt_pipeline(corpus, tokenizer, build, model, data_args: DataArguments, args, splits) -> Pipeline:
+    """Training lines as prompt-completion pairs; the evaluation splits as the model's 'auto' batching has them."""
+    from seqkd.data.text import PromptCompletionCollator, prompt_completions
+    from seqkd.evaluation import is_stateful
+
+    if "train" not in corpus:
+        raise InvalidValueError(f"the corpus has no 'train' split; it has {sorted(corpus)}")
+    train = prompt_completions(corpus["train"], tokenizer, data_args.prompt_length, max_examples=data_args.max_train_examples)
+    _, evals = build_datasets(corpus, tokenizer, data_args, args, is_stateful(model), splits, with_train=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return Pipeline(tokenizer, build, model, train, evals, PromptCompletionCollator(pad))
 
 
 __all__ = [

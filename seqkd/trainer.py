@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from seqkd.teacher_cache import TEACHER_KEYS
 from seqkd.losses import (
     DIVERGENCES,
     LOSS_NAMES,
+    loss_names,
     SPARSE_TAILS,
     _check_choice,
     _check_epsilon,
@@ -72,7 +74,13 @@ class DistillationArguments(Seq2SeqTrainingArguments):
         default="forward_kl",
         metadata={"help": "Divergence for 'kd': forward_kl, reverse_kl or jsd.", "choices": list(DIVERGENCES)},
     )
-    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of the teacher in the generalised JSD."})
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Generalised JSD (divergence 'jsd'): the teacher's weight in the mixture; GKD's and TRL's beta. "
+            "0 is forward KL(teacher || student), 1 reverse KL(student || teacher)."
+        },
+    )
     alpha: float = field(default=1.0, metadata={"help": "DKD: weight of TCKD (target-class KD)."})
     beta: float = field(default=8.0, metadata={"help": "DKD: weight of NCKD (non-target-class KD)."})
     label_smoothing: float | None = field(
@@ -120,6 +128,32 @@ class DistillationArguments(Seq2SeqTrainingArguments):
     loss_chunk_size: int | None = field(
         default=None, metadata={"help": "Tokens per chunk inside the loss (memory vs. speed); default automatic."}
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD): the probability that a batch's targets are the student's own "
+            "samples, scored token by token by the teacher; 0 trains on the batch's targets only (supervised)."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "GKD's sequence-level KD: a batch that is not on-policy gets targets sampled by the teacher "
+            "instead of its gold ones (only the sequences a batch uses are generated)."
+        },
+    )
+    gkd_max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest sample (in tokens) the student or the teacher generates for lmbda / seq_kd."}
+    )
+    gkd_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature of lmbda / seq_kd sampling (> 0); 1 samples the model's own distribution."}
+    )
+    gkd_top_k: int = field(
+        default=0, metadata={"help": "lmbda / seq_kd sampling: keep only the k most likely tokens; 0 keeps all."}
+    )
+    gkd_top_p: float = field(
+        default=1.0, metadata={"help": "lmbda / seq_kd sampling: nucleus mass, in (0, 1]; 1 keeps all tokens."}
+    )
     bleu_tokenize: str = field(
         default="13a",
         metadata={
@@ -129,7 +163,7 @@ class DistillationArguments(Seq2SeqTrainingArguments):
     )
 
     def __post_init__(self):
-        _check_choice("loss", self.loss, LOSS_NAMES)
+        _check_choice("loss", self.loss, loss_names())
         _check_non_negative("ce_weight", self.ce_weight)
         _check_non_negative("kd_weight", self.kd_weight)
         if self.temperature is not None:
@@ -152,6 +186,27 @@ class DistillationArguments(Seq2SeqTrainingArguments):
                     f"'forward_kl'), got loss {self.loss!r}, divergence {self.divergence!r}, temperature "
                     f"{self.temperature}: use cache_tail='uniform'"
                 )
+        if not (isinstance(self.lmbda, (int, float)) and 0 <= self.lmbda <= 1):
+            raise InvalidValueError(f"lmbda must be in [0, 1] (the probability of an on-policy batch), got {self.lmbda!r}")
+        if self.gkd_max_new_tokens < 1:
+            raise InvalidValueError(f"gkd_max_new_tokens must be >= 1, got {self.gkd_max_new_tokens}")
+        if not self.gkd_temperature > 0:
+            raise InvalidValueError(f"gkd_temperature must be > 0, got {self.gkd_temperature}")
+        if self.gkd_top_k < 0:
+            raise InvalidValueError(f"gkd_top_k must be >= 0 (0 keeps every token), got {self.gkd_top_k}")
+        if not 0 < self.gkd_top_p <= 1:
+            raise InvalidValueError(f"gkd_top_p must be in (0, 1], got {self.gkd_top_p}")
+        if self.generates_targets:
+            if not self.needs_teacher:
+                raise InvalidValueError(
+                    f"lmbda / seq_kd need a teacher to score the generated targets, but loss {self.loss!r} with "
+                    f"kd_weight {self.kd_weight} uses none: use loss kd (divergence jsd for GKD) or dkd"
+                )
+            if self.teacher_cache:
+                raise InvalidValueError(
+                    "lmbda / seq_kd score targets generated during training, which a teacher cache (written for the "
+                    "data's own targets) cannot: drop teacher_cache and give teacher_model_name_or_path"
+                )
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise InvalidValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if getattr(self, "label_smoothing_factor", 0.0):
@@ -164,6 +219,11 @@ class DistillationArguments(Seq2SeqTrainingArguments):
     @property
     def needs_teacher(self) -> bool:
         return self.loss not in ("ce", "ls") and self.kd_weight > 0
+
+    @property
+    def generates_targets(self) -> bool:
+        """Whether training samples targets (on-policy with lmbda > 0, or the teacher's with seq_kd)."""
+        return self.lmbda > 0 or self.seq_kd
 
 
 def load_teacher(
@@ -191,6 +251,13 @@ def load_teacher(
         raise MissingInputError(
             f"teacher {path!r} is neither a local folder nor a model the Hub could serve: {error}"
         ) from error
+
+
+def _is_stream(dataset) -> bool:
+    from seqkd.data.text import StreamBatches
+    from seqkd.teacher_cache import CachedStreamBatches
+
+    return isinstance(dataset.batches if isinstance(dataset, CachedStreamBatches) else dataset, StreamBatches)
 
 
 def _single_batch(items: list[dict]) -> dict:
@@ -281,6 +348,11 @@ class DistillationTrainer(Seq2SeqTrainer):
                 self.data_collator = PadCachedTeacher(self.data_collator)
         self.teacher = self._prepare_teacher(teacher_model) if teacher_model is not None and args.needs_teacher else None
         self._stateful = is_stateful(model)
+        # Recurrent states run on across the batches of a stream only; blocks and prompts each start afresh.
+        self._carry_state = self._stateful and _is_stream(self.train_dataset)
+        self.teacher_signal = self._build_teacher_signal()
+        self._generation_seconds = self._step_seconds = 0.0
+        self._logged_batches: dict[str, int] = {}
         self._student_state = self._teacher_state = None
         self._keep_loaded_state = False
         self._part_sums: dict[str, torch.Tensor] = {}
@@ -304,6 +376,33 @@ class DistillationTrainer(Seq2SeqTrainer):
             # teacher nor moves it to the device, and it registers the teacher as the accelerator's first model.
             return _prepare_fsdp_teacher(teacher, self.accelerator)
         return teacher.to(self.accelerator.device)
+
+    def _build_teacher_signal(self):
+        """The one place that decides what the student is compared with: none, live, cache or generated."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from seqkd.teacher_signal import CachedTeacher, GeneratedTargets, LiveTeacher, TeacherSignal
+
+        if self.teacher_cache is not None:
+            return CachedTeacher(self.args.cache_tail)
+        if self.teacher is None:
+            return TeacherSignal()
+        live = LiveTeacher(self.teacher)
+        args = self.args
+        if not args.generates_targets:
+            return live
+        if self._carry_state:
+            raise InvalidValueError(
+                "lmbda / seq_kd sample completions of prompts, and a stream of truncated-BPTT windows has none: "
+                "train the language model on prompt-completion data (batching 'prompts', with prompt_length)"
+            )
+        sharded = self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+        sampling = {"max_new_tokens": args.gkd_max_new_tokens, "temperature": args.gkd_temperature,
+                    "top_k": args.gkd_top_k, "top_p": args.gkd_top_p}  # fmt: skip
+        return GeneratedTargets(
+            live, lmbda=args.lmbda, seq_kd=args.seq_kd, generation_kwargs=sampling,
+            synced_gpus=sharded and self.accelerator.num_processes > 1,
+        )  # fmt: skip
 
     # ---- data --------------------------------------------------------------------------------------------
 
@@ -339,9 +438,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         return loader if loader is not None else super().get_eval_dataloader(eval_dataset)
 
     def _set_signature_columns_if_needed(self) -> None:
-        # The cached teacher outputs are not arguments of the model, but the loss needs them.
+        # The cached teacher outputs and the prompts are not arguments of the model, but the teacher signal needs them.
         super()._set_signature_columns_if_needed()
-        self._signature_columns += [key for key in TEACHER_KEYS if key not in self._signature_columns]
+        from seqkd.teacher_signal import PROMPT_KEY
+
+        extra = (*TEACHER_KEYS, PROMPT_KEY)
+        self._signature_columns += [key for key in extra if key not in self._signature_columns]
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # Stream batches carry `shift_labels` only; transformers counts tokens only when `labels` are present.
@@ -376,35 +478,29 @@ class DistillationTrainer(Seq2SeqTrainer):
         return self.args.kd_weight * min(1.0, (self.state.epoch or 0.0) / warmup)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        cached = {key: inputs.pop(key) for key in TEACHER_KEYS if key in inputs}
+        signal = self.teacher_signal
+        inputs, taken = signal.take(inputs, self.accelerator.unwrap_model(model))
+        if signal.kind == "generated":
+            # Sampled targets differ in length from the gold ones transformers counted: every batch of such a run
+            # is normalised by its own tokens.
+            num_items_in_batch = None
         targets = self._aligned_targets(model, inputs)
-        if self._stateful:
-            inputs["state"] = self._student_state
-        outputs = model(**inputs)
-        if self._stateful:
+        outputs = model(**({**inputs, "state": self._student_state} if self._carry_state else inputs))
+        if self._carry_state:
             self._student_state = _detach_state(outputs.state)
-        teacher_logits = None
-        if cached:
-            teacher_logits = SparseTeacher(
-                cached["teacher_ids"], cached["teacher_logprobs"], outputs.logits.shape[-1], cached["teacher_residual"],
-                tail=self.args.cache_tail,
-            )
-        elif self.teacher is not None:
-            with torch.no_grad():
-                if self._stateful:
-                    inputs["state"] = self._teacher_state
-                teacher_outputs = self.teacher(**inputs)
-                if self._stateful:
-                    self._teacher_state = _detach_state(teacher_outputs.state)
-                teacher_logits = teacher_outputs.logits
+        teacher_logits, teacher_state = signal.logits(
+            inputs, taken, outputs.logits.shape[-1], self._teacher_state if self._carry_state else None
+        )
+        if self._carry_state and signal.kind == "live":
+            self._teacher_state = _detach_state(teacher_state)
         args = self.args
         result = distillation_loss(
             args.loss,
             outputs.logits,
             teacher_logits,
             targets,
-            ce_weight=args.ce_weight,
+            # A student's own sample is no reference: on it the loss is the distillation term alone.
+            ce_weight=0.0 if taken["source"] == "student" else args.ce_weight,
             kd_weight=self._kd_weight_now(),
             label_smoothing=args.label_smoothing,
             temperature=args.temperature,
@@ -498,9 +594,32 @@ class DistillationTrainer(Seq2SeqTrainer):
             f"{source}; training stopped and {where}"
         )
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        started = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_seconds += time.perf_counter() - started
+        return loss
+
+    def _generation_logs(self) -> dict[str, float]:
+        """The share of training-step time spent generating targets, and where the batches' targets came from,
+        since the last log (this process' own figures)."""
+        signal = self.teacher_signal
+        if signal.kind != "generated":
+            return {}
+        seconds = signal.generation_seconds - self._generation_seconds
+        self._generation_seconds = signal.generation_seconds
+        logs = {"generation_share": round(seconds / self._step_seconds, 4) if self._step_seconds > 0 else 0.0}
+        self._step_seconds = 0.0
+        counts = {source: n - self._logged_batches.get(source, 0) for source, n in signal.batches.items()}
+        self._logged_batches = dict(signal.batches)
+        if sum(counts.values()):
+            logs["on_policy_fraction"] = round(counts["student"] / sum(counts.values()), 4)
+        return logs
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             self._raise_if_nonfinite()
+            logs.update(self._generation_logs())
         if "loss" in logs and self._part_sums:
             totals = torch.stack(
                 [torch.as_tensor(v, dtype=torch.float64, device=self.accelerator.device)

@@ -109,8 +109,11 @@ def test_shipped_recipes_parse(name, tmp_path):
 
             LSTMSeq2SeqConfig(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2, **student["model_config"])
         for loss in recipe["losses"].values():
-            fields = {**recipe.get("training", {}), **student, **loss}
+            fields = {**recipe.get("training", {}), **student, **{k: v for k, v in loss.items() if k != "data"}}
             parse_command_line("distill", [teachers[0], *grid._argv(fields), "--output_dir", str(tmp_path), "--use_cpu", "true"])
+    grid._read_grid(str(path))  # every loss names data the recipe defines
+    for fields in (recipe.get("distilled_data") or {}).values():
+        parse_command_line("distill-data", [teachers[0], *grid._argv(fields), "--output_dir", str(tmp_path), "--use_cpu", "true"])
 
 
 def test_train_distill_evaluate(recipe, corpus_dir, tmp_path, capsys):

@@ -259,3 +259,22 @@ def test_a_nan_teacher_stops_both_processes_together(setup, single_run):
                "the teacher's logits were not finite")  # fmt: skip
     assert result.stderr.count(message) == 2, result.stderr[-3000:]
     assert not list(out.glob("checkpoint-*")) and not (out / "model").exists()
+
+
+def test_two_process_on_policy_distillation(setup, single_run):
+    # Each process samples its own prompts' continuations with the student (DDP-wrapped for the update, unwrapped
+    # to generate), the teacher scores them, and the loss parts and generation share are logged from both.
+    root, _ = setup
+    common, _ = single_run
+    out = root / "on-policy"
+    result = _run(
+        ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "seqkd", *common, "--batching", "prompts", "--prompt_length", "3",
+         "--lmbda", "0.5", "--divergence", "jsd", "--jsd_beta", "0.5", "--ce_weight", "0", "--gkd_max_new_tokens", "8",
+         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "2", "--max_steps", "6",
+         "--learning_rate", "1.0", "--output_dir", str(out)],
+        root,
+    )  # fmt: skip
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["validation_perplexity"] < 1e4
+    assert "generation_share" in result.stdout + result.stderr

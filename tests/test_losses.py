@@ -470,3 +470,29 @@ def test_fused_gold_and_forward_kl_equals_the_separate_terms(sparse_k, temperatu
         lambda x: distillation_loss("kd", x, teacher, y, ce_weight=0.3, label_smoothing=epsilon,
                                     temperature=temperature).loss, (s,)  # fmt: skip
     )
+
+
+def test_a_registered_distillation_term_is_a_loss_of_its_own():
+    from seqkd.errors import InvalidValueError
+
+    from seqkd.losses import DISTILLATION_TERMS, distillation_loss, kd_loss, loss_names, register_distillation_term
+
+    @register_distillation_term("half_kd", part="half")
+    def half_kd(student_logits, teacher_logits, labels, options, **common):
+        full = kd_loss(student_logits, teacher_logits, labels, temperature=options["temperature"], **common)
+        return type(full)(loss=0.5 * full.loss, parts={})
+
+    try:
+        assert "half_kd" in loss_names()
+        torch.manual_seed(0)
+        student, teacher, labels = torch.randn(6, 11), torch.randn(6, 11), torch.randint(0, 11, (6,))
+        result = distillation_loss("half_kd", student, teacher, labels, ce_weight=0.0)
+        expected = 0.5 * kd_loss(student, teacher, labels).loss
+        torch.testing.assert_close(result.loss, expected)
+        assert set(result.parts) == {"half"}
+        with pytest.raises(InvalidValueError, match="registered already"):
+            register_distillation_term("kd")
+    finally:
+        DISTILLATION_TERMS.pop("half_kd")
+    with pytest.raises(InvalidValueError, match="loss name"):
+        distillation_loss("half_kd", student, teacher, labels)

@@ -69,6 +69,8 @@ __all__ = [
     "token_fingerprint",
     "stream_dataloader",
     "group_texts",
+    "prompt_completions",
+    "PromptCompletionCollator",
 ]
 
 
@@ -762,3 +764,71 @@ def group_texts(
         offsets = np.append(np.arange(0, len(ids), block_size), len(ids)).astype(np.int32)
         arr = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
     return datasets.Dataset.from_dict({"input_ids": arr, "labels": arr})
+
+
+# --------------------------------------------------------------------------- #
+# Prompt-completion data (on-policy distillation of language models)
+# --------------------------------------------------------------------------- #
+def prompt_completions(texts, tokenizer, prompt_length: int, *, text_column: str = "text", max_examples: int | None = None):
+    """Each line as a prompt and its completion: the prompt is the end-of-sentence token (a line's context in the
+    training stream) and the line's first ``prompt_length`` tokens, the completion the rest of the line and its
+    end-of-sentence token. Lines shorter than ``prompt_length`` are left out, so that every prompt has one length
+    and a batch of them is generated from without padding.
+
+    Returns:
+        ``datasets.Dataset`` with ``input_ids`` (prompt + completion), ``labels`` (-100 on the prompt) and
+        ``prompt_input_ids``; :class:`PromptCompletionCollator` pads a batch of them.
+    """
+    import datasets
+
+    if prompt_length < 1:
+        raise InvalidValueError(f"prompt_length must be >= 1, got {prompt_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InvalidValueError("prompt-completion data needs a tokenizer with an eos token (it ends each completion)")
+    lines = list(_as_texts(texts, text_column))
+    if max_examples is not None:
+        lines = lines[:max_examples]
+    rows = {"input_ids": [], "labels": [], "prompt_input_ids": []}
+    for line in lines:
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+        if len(ids) < prompt_length:
+            continue
+        sequence = [eos, *ids, eos]
+        prompt = sequence[: prompt_length + 1]
+        rows["input_ids"].append(sequence)
+        rows["labels"].append([-100] * len(prompt) + sequence[len(prompt) :])
+        rows["prompt_input_ids"].append(prompt)
+    if not rows["input_ids"]:
+        raise InvalidValueError(
+            f"no line has prompt_length={prompt_length} tokens or more ({len(lines)} lines): lower prompt_length"
+        )
+    return datasets.Dataset.from_dict(rows)
+
+
+class PromptCompletionCollator:
+    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) to the longest row and adds the
+    ``attention_mask``; ``prompt_input_ids``, all of one length, are stacked. Rows of one length (blocks) pass as
+    they are, with an all-ones mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        def rows(key):
+            return [torch.as_tensor(f[key], dtype=torch.long) for f in features]
+
+        input_ids = rows("input_ids")
+        longest = max(len(ids) for ids in input_ids)
+        batch = {
+            "input_ids": torch.stack([_pad_to(ids, longest, self.pad_token_id) for ids in input_ids]),
+            "attention_mask": torch.stack([_pad_to(torch.ones_like(ids), longest, 0) for ids in input_ids]),
+            "labels": torch.stack([_pad_to(labels, longest, -100) for labels in rows("labels")]),
+        }
+        if "prompt_input_ids" in features[0]:
+            batch["prompt_input_ids"] = torch.stack(rows("prompt_input_ids"))
+        return batch
+
+
+def _pad_to(row: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(row, (0, length - len(row)), value=value)
