@@ -11,6 +11,7 @@ continues exactly; evaluation carries the state over the whole split.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -48,6 +49,7 @@ from seqkd.losses import (
 )
 from seqkd.errors import InvalidValueError, MissingInputError, NonFiniteLossError
 
+logger = logging.getLogger("seqkd")
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
 
@@ -209,6 +211,11 @@ class DistillationArguments(Seq2SeqTrainingArguments):
                 )
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise InvalidValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _has_bf16_accelerator():
+            # transformers refuses bf16 without a GPU unless use_cpu is set; on a CPU-only machine the field can only
+            # mean CPU autocast, which Accelerate applies once use_cpu is on (the losses stay in float32).
+            logger.info("bf16 on a machine without a GPU: training with CPU autocast (use_cpu=True)")
+            self.use_cpu = True
         if getattr(self, "label_smoothing_factor", 0.0):
             raise InvalidValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is transformers' own smoother, which the "
@@ -251,6 +258,12 @@ def load_teacher(
         raise MissingInputError(
             f"teacher {path!r} is neither a local folder nor a model the Hub could serve: {error}"
         ) from error
+
+
+def _has_bf16_accelerator() -> bool:
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
 def _is_stream(dataset) -> bool:

@@ -1,5 +1,6 @@
 """DistillationTrainer: teacher handling, loss logging, accumulation, TBPTT state, resume, atomic checkpoints."""
 
+import math
 import os
 
 import pytest
@@ -297,3 +298,26 @@ def test_interrupted_checkpoint_save_leaves_nothing_to_resume_from(corpus, tmp_p
 
     assert get_last_checkpoint(args.output_dir).endswith("checkpoint-5")
     assert not os.path.exists(os.path.join(args.output_dir, "checkpoint-10"))
+
+
+def test_bf16_on_a_cpu_machine_trains_under_cpu_autocast(corpus, tmp_path):
+    # `bf16: true` alone (no use_cpu) is accepted on a machine without a GPU and means CPU autocast: the models'
+    # matrix products run in bfloat16, the loss in float32.
+    tokenizer, _, ids = corpus
+    train, _ = streams(ids)
+    teacher = lstm(tokenizer, seed=1)
+    args = DistillationArguments(output_dir=str(tmp_path / "bf16"), report_to=[], disable_tqdm=True, save_strategy="no",
+                                 learning_rate=0.01, logging_steps=2, seed=0, loss="kd", bf16=True, max_steps=4)  # fmt: skip
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bf16 there is the GPU's")
+    assert args.use_cpu and args.bf16
+    student = lstm(tokenizer)
+    dtypes = []
+    # Accelerate returns the model's outputs in float32; the output layer inside computes in bfloat16.
+    student.get_output_embeddings().register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train)
+    trainer.train()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert next(student.parameters()).dtype == torch.float32  # autocast, not a bf16 model
