@@ -299,7 +299,8 @@ def _cache_generation(teacher, cache_dir: str, train_dataset, tokenizer, cache_a
     if state.is_main_process:
         cache_teacher(
             teacher, train_dataset, cache_dir, top_k=cache_args.cache_top_k, dtype=cache_args.cache_dtype,
-            tokenizer=tokenizer, shard_tokens=cache_args.cache_shard_tokens,
+            tokenizer=tokenizer, shard_tokens=cache_args.cache_shard_tokens, samples=cache_args.samples,
+            sample_temperature=cache_args.cache_sample_temperature, sample_seed=cache_args.cache_sample_seed,
             batch_size=args.per_device_eval_batch_size, device=args.device, show_progress=not args.disable_tqdm,
         )  # fmt: skip
     state.wait_for_everyone()

@@ -268,7 +268,8 @@ def command_cache_teacher(argv: list[str]) -> dict:
     manifest = cache_teacher(
         teacher, train, args.teacher_cache, top_k=cache_args.cache_top_k, dtype=cache_args.cache_dtype,
         tokenizer=tokenizer, shard_tokens=cache_args.cache_shard_tokens, batch_size=args.per_device_eval_batch_size,
-        device=args.device, show_progress=not args.disable_tqdm,
+        device=args.device, show_progress=not args.disable_tqdm, samples=cache_args.samples,
+        sample_temperature=cache_args.cache_sample_temperature, sample_seed=cache_args.cache_sample_seed,
     )  # fmt: skip
     layout = manifest["layout"]
     stored = sum(shard["bytes"] for shard in manifest["shards"])
@@ -276,6 +277,7 @@ def command_cache_teacher(argv: list[str]) -> dict:
         "teacher_cache": args.teacher_cache,
         "layout": layout,
         "top_k": manifest["top_k"],
+        "sampling": manifest.get("sampling"),
         "dtype": manifest["dtype"],
         "shards": len(manifest["shards"]),
         "bytes": stored,

@@ -30,6 +30,7 @@ import bisect
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -50,8 +51,9 @@ TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_residual")
 # Fields that identify what a cache holds; a resumed write must agree on all of them.
 _IDENTITY = (
     "format", "layout", "vocab_size", "top_k", "dtype", "id_dtype", "teacher", "tokenizer", "data", "shard_size",
-    "teacher_window",
+    "teacher_window", "sampling",
 )  # fmt: skip
+CACHE_FORMATS = ("topk", "sampled")
 
 
 @dataclass
@@ -61,6 +63,29 @@ class TeacherCacheArguments:
     cache_top_k: int = field(
         default=64,
         metadata={"help": "Teacher log-probabilities kept per token (the top k); the residual mass covers the rest."},
+    )
+    cache_format: str = field(
+        default="topk",
+        metadata={
+            "help": "'topk': the teacher's top cache_top_k log-probabilities and the residual mass. 'sampled': the "
+            "exact top cache_top_k plus cache_samples ids drawn from the rest of the teacher's distribution, each "
+            "weighted so that the stored distribution equals the teacher's in expectation (Anshumann et al., ACL "
+            "2025): an unbiased forward-KL gradient in 4 bytes per stored entry.",
+            "choices": list(CACHE_FORMATS),
+        },
+    )
+    cache_samples: int = field(
+        default=12, metadata={"help": "cache_format 'sampled': ids drawn per token (duplicates merged, with their counts)."}
+    )
+    cache_sample_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "cache_format 'sampled': draw from the teacher's tail at this temperature, with importance weights "
+            "q / r; 1 draws from the teacher itself (unbiased); others are self-normalised (consistent)."
+        },
+    )
+    cache_sample_seed: int = field(
+        default=0, metadata={"help": "cache_format 'sampled': seed of the first shard's draws (shard i uses seed + i)."}
     )
     cache_dtype: str = field(
         default="float16",
@@ -87,6 +112,18 @@ class TeacherCacheArguments:
             raise InvalidValueError(f"cache_shard_tokens must be >= 1, got {self.cache_shard_tokens}")
         if self.cache_num_processes < 1:
             raise InvalidValueError(f"cache_num_processes must be >= 1, got {self.cache_num_processes}")
+        if self.cache_format not in CACHE_FORMATS:
+            raise InvalidValueError(f"cache_format must be 'topk' or 'sampled', got {self.cache_format!r}")
+        if self.cache_format == "sampled":
+            if self.cache_samples < 1:
+                raise InvalidValueError(f"cache_samples must be >= 1, got {self.cache_samples}")
+            if not self.cache_sample_temperature > 0:
+                raise InvalidValueError(f"cache_sample_temperature must be > 0, got {self.cache_sample_temperature}")
+
+    @property
+    def samples(self) -> int:
+        """Sampled entries per token: 0 for the top-k format."""
+        return self.cache_samples if self.cache_format == "sampled" else 0
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -210,6 +247,48 @@ def _top_k(logits: torch.Tensor, k: int, dtype: torch.dtype, id_dtype: torch.dty
     return {"ids": ids.to(id_dtype).cpu(), "logprobs": values.to(dtype).cpu(), "residual": residual.to(dtype).cpu()}
 
 
+def _sampled(
+    logits: torch.Tensor, top: int, samples: int, temperature: float, generator: torch.Generator,
+    dtype: torch.dtype, id_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """The exact ``top`` log-probabilities and ``samples`` draws from the rest of the distribution.
+
+    Draws come from the tail renormalised at ``temperature`` (``r``), each weighted ``q / (r * samples)``;
+    duplicates are merged (their weights summed), and the slots they free hold distinct unused ids with
+    probability 0, so that a dense expansion never writes one id twice. At temperature 1 the stored entries sum
+    to 1 and equal the teacher's distribution in expectation: the forward-KL gradient ``p - q`` they give is
+    unbiased. The residual is stored as 0: nothing is spread over the other tokens.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    rows, vocab_size = logprobs.shape
+    pool_logprobs, pool_ids = logprobs.topk(min(vocab_size, top + 2 * samples), dim=-1)
+    exact_ids, exact_logprobs = pool_ids[:, :top], pool_logprobs[:, :top]
+    tail = logprobs.scatter(1, exact_ids, -math.inf) if top else logprobs
+    log_r = torch.log_softmax(tail / temperature, dim=-1)
+    draws = torch.multinomial(log_r.exp(), samples, replacement=True, generator=generator)
+    weights = (logprobs.gather(1, draws) - log_r.gather(1, draws)).exp() / samples
+    draws, order = draws.sort(dim=-1)
+    weights = weights.gather(1, order)
+    starts = torch.ones_like(draws, dtype=torch.bool)
+    starts[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = starts.long().cumsum(dim=-1) - 1
+    merged = torch.zeros_like(weights).scatter_add_(1, group, weights)
+    merged_ids = torch.zeros_like(draws).scatter_(1, group, draws)
+    unique = starts.sum(dim=-1, keepdim=True)
+    slot = torch.arange(samples, device=draws.device)[None, :]
+    # Ids for the freed slots: the most likely tokens that are neither exact nor drawn.
+    candidates = pool_ids[:, top:]
+    taken = (candidates[:, :, None] == torch.where(slot < unique, merged_ids, -1)[:, None, :]).any(-1)
+    free = candidates.gather(1, torch.sort(taken.to(torch.uint8), dim=-1, stable=True).indices)
+    filler = free.gather(1, (slot - unique).clamp(min=0))
+    sampled_ids = torch.where(slot < unique, merged_ids, filler)
+    sampled_logprobs = torch.where(slot < unique, torch.log(merged), -math.inf)
+    ids = torch.cat([exact_ids, sampled_ids], dim=-1)
+    values = torch.cat([exact_logprobs, sampled_logprobs], dim=-1)
+    residual = torch.zeros(rows, dtype=dtype)
+    return {"ids": ids.to(id_dtype).cpu(), "logprobs": values.to(dtype).cpu(), "residual": residual}
+
+
 def _vocab_size(model) -> int:
     embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None and getattr(embeddings, "weight", None) is not None:
@@ -229,8 +308,15 @@ def cache_teacher(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     show_progress: bool = True,
+    samples: int = 0,
+    sample_temperature: float = 1.0,
+    sample_seed: int = 0,
 ) -> dict:
     """Run ``teacher`` once over ``train_dataset`` and store its top-k outputs in ``output_dir``.
+
+    With ``samples > 0`` (the 'sampled' format) each token keeps its exact top ``top_k`` entries and ``samples``
+    weighted draws from the rest (see :func:`_sampled`); shard ``i`` draws from seed ``sample_seed + i``, so a
+    resumed write ends with the same bytes.
 
     ``train_dataset`` is the training set exactly as the student will see it: :class:`StreamBatches` (any
     process' view: every process' streams are cached) or fixed-length blocks. A folder already holding part of
@@ -250,6 +336,12 @@ def cache_teacher(
         raise InvalidValueError(f"top_k must be in [1, {vocab_size}] (the teacher's vocabulary size), got {top_k}")
     if shard_tokens < 1 or batch_size < 1:
         raise InvalidValueError(f"shard_tokens and batch_size must be >= 1, got {shard_tokens} and {batch_size}")
+    if samples < 0 or (samples and not sample_temperature > 0):
+        raise InvalidValueError(f"samples must be >= 0 and sample_temperature > 0, got {samples} and {sample_temperature}")
+    if samples and top_k + samples > vocab_size:
+        raise InvalidValueError(
+            f"top_k + samples ({top_k} + {samples}) must be at most the vocabulary size {vocab_size}: store fewer entries"
+        )
     if tokenizer is not None and len(tokenizer) > vocab_size:
         raise InvalidValueError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {vocab_size} outputs")
     layout, data = data_layout(train_dataset)
@@ -289,6 +381,7 @@ def cache_teacher(
         "data": data,
         "shard_size": positions_per_shard if stream else rows_per_shard,
         "teacher_window": teacher_window,
+        "sampling": {"samples": samples, "temperature": sample_temperature, "seed": sample_seed} if samples else None,
         # The token the teacher's decoder started from: a student starting from another one sees other prefixes.
         "decoder_start_token_id": getattr(teacher.config, "decoder_start_token_id", None) if pairs else None,
         "num_shards": num_shards,
@@ -353,6 +446,17 @@ def cache_teacher(
     with torch.no_grad():
         for index in range(done, num_shards):
             parts: list[dict[str, torch.Tensor]] = []
+            if samples:
+                generator = torch.Generator(device=device).manual_seed(sample_seed + index)
+
+                def summarise(logits):
+                    flat = _sampled(logits.reshape(-1, logits.shape[-1]), top_k, samples, sample_temperature, generator,
+                                    value_dtype, id_dtype)  # fmt: skip
+                    return {key: value.reshape(*logits.shape[:-1], *value.shape[1:]) for key, value in flat.items()}
+            else:
+
+                def summarise(logits):
+                    return _top_k(logits, top_k, value_dtype, id_dtype)
             if stream:
                 start, stop = index * positions_per_shard, min((index + 1) * positions_per_shard, layout["positions"])
                 for a in range(start, stop, window):
@@ -362,7 +466,7 @@ def cache_teacher(
                         state = tuple(s.detach() for s in out.state)
                     else:  # a Transformer teacher sees each window alone, as online distillation feeds it
                         out = teacher(input_ids=streams[:, a:b].to(device))
-                    parts.append(_top_k(out.logits, top_k, value_dtype, id_dtype))
+                    parts.append(summarise(out.logits))
                     progress.update(b - a)
                 tensors = {key: torch.cat([p[key] for p in parts], dim=1).contiguous() for key in parts[0]}
                 for i, s in enumerate(state or ()):
@@ -378,7 +482,7 @@ def cache_teacher(
                     labels = batch.pop("labels")
                     logits = teacher(**{key: value.to(device) for key, value in batch.items()}).logits
                     keep = labels.ne(-100)
-                    parts.append(_top_k(logits[keep.to(device)], top_k, value_dtype, id_dtype))
+                    parts.append(summarise(logits[keep.to(device)]))
                     lengths += keep.sum(dim=1).tolist()
                     progress.update(b - a)
                 tensors = {key: torch.cat([p[key] for p in parts], dim=0).contiguous() for key in parts[0]}
@@ -387,7 +491,7 @@ def cache_teacher(
                 start, stop = index * rows_per_shard, min((index + 1) * rows_per_shard, layout["rows"])
                 for a in range(start, stop, batch_size):
                     b = min(a + batch_size, stop)
-                    parts.append(_top_k(teacher(input_ids=blocks[a:b].to(device)).logits, top_k, value_dtype, id_dtype))
+                    parts.append(summarise(teacher(input_ids=blocks[a:b].to(device)).logits))
                     progress.update(b - a)
                 tensors = {key: torch.cat([p[key] for p in parts], dim=0).contiguous() for key in parts[0]}
             name = f"shard-{index:05d}.safetensors"

@@ -234,6 +234,15 @@ def test_cache_teacher_then_distill_from_the_cache(recipe, corpus_dir, tmp_path,
     state = json.loads(next(student_dir.glob("checkpoint-*/trainer_state.json")).read_text())
     assert any("loss_kd" in entry for entry in state["log_history"])
 
+    # The sampled format from the command line: exact top 2 and 4 draws per token, then a student from it.
+    sampled_dir = tmp_path / "sampled"
+    run("cache-teacher", recipe, "--dataset", corpus_dir, "--teacher_model_name_or_path", teacher_dir / "model",
+        "--teacher_cache", sampled_dir, "--cache_format", "sampled", "--cache_top_k", "2", "--cache_samples", "4")  # fmt: skip
+    manifest = json.loads((sampled_dir / "manifest.json").read_text())
+    assert manifest["top_k"] == 2 and manifest["sampling"] == {"samples": 4, "temperature": 1.0, "seed": 0}
+    run("distill", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "from-sampled", "--loss", "kd",
+        "--teacher_cache", sampled_dir, "--max_steps", "3")  # fmt: skip
+
     with pytest.raises(ValueError, match="layout"):
         run("distill", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "other", "--loss", "kd",
             "--teacher_cache", cache_dir, "--per_device_train_batch_size", "2")  # fmt: skip
