@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""bf16 autocast against float32: training speed and the validation metric it reaches, recipe by recipe.
+
+Each configuration is trained with ``seqkd train`` / ``seqkd distill`` for ``--steps`` optimiser steps in float32
+and with ``--bf16 true`` (CPU autocast on a machine without a GPU; the losses stay in float32), once per seed in
+``--seeds``. It prints a markdown table: seconds per step (the trainer's ``train_runtime`` / steps, median over
+seeds), the bf16 speed-up, and the validation metric of each precision as mean +- standard deviation over the
+seeds. The seeds' spread is the noise: bf16 holds quality when its mean is within that spread of float32's.
+
+    python scripts/bench_bf16.py --data_dir ../shared/data
+    python scripts/bench_bf16.py --configs lstm-medium --steps 300 --seeds 1,2,3
+    python scripts/bench_bf16.py --configs student --teacher runs/multi30k/teacher-ce/model
+
+Configurations:
+
+- ``lstm-medium``  the 2 x 650 LSTM LM of recipes/ban_lstm_ptb_medium.yaml on PTB (validation perplexity);
+- ``mt-teacher``   the 3 + 3 x 256 Transformer of recipes/ce_teacher_multi30k.yaml (validation perplexity);
+- ``student``      transformer-2x2-128 distilled (kd) from ``--teacher`` on Multi30k (validation perplexity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+
+import torch
+
+from seqkd.cli import command_train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RECIPES = os.path.join(HERE, "..", "recipes")
+QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
+         "--logging_steps", "100000"]  # fmt: skip
+
+
+def config_argv(name: str, options) -> tuple[list[str], bool]:
+    """The command line of a configuration and whether it distils."""
+    if name == "lstm-medium":
+        # A constant learning rate: the plateau schedule needs evaluations, which would be timed too.
+        return [os.path.join(RECIPES, "ban_lstm_ptb_medium.yaml"), "--loss", "ce", "--eval_splits", "validation",
+                "--lr_scheduler_type", "constant",
+                "--max_eval_tokens", str(options.max_eval_tokens)], False  # fmt: skip
+    if name == "mt-teacher":
+        return [os.path.join(RECIPES, "ce_teacher_multi30k.yaml"), "--eval_splits", "validation",
+                "--predict_with_generate", "false"], False  # fmt: skip
+    if name == "student":
+        if not options.teacher:
+            raise SystemExit("the student configuration needs --teacher (a trained Multi30k teacher folder)")
+        return [os.path.join(RECIPES, "ce_teacher_multi30k.yaml"), "--model", "transformer-2x2-128", "--loss", "kd",
+                "--ce_weight", "0.5", "--kd_weight", "0.5", "--learning_rate", "0.001", "--warmup_steps", "100",
+                "--teacher_model_name_or_path", options.teacher, "--eval_splits", "validation",
+                "--predict_with_generate", "false"], True  # fmt: skip
+    raise SystemExit(f"unknown configuration {name!r}: choose lstm-medium, mt-teacher or student")
+
+
+def run(argv: list[str], distill: bool) -> dict:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return command_train(argv, distill=distill)
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", default="lstm-medium,mt-teacher", help="Comma-separated configurations.")
+    parser.add_argument("--steps", type=int, default=300, help="Optimiser steps per run.")
+    parser.add_argument("--seeds", default="1,2", help="Comma-separated seeds: their spread is the noise.")
+    parser.add_argument("--data_dir", default=None, help="Data folder (default $SEQKD_DATA_DIR).")
+    parser.add_argument("--teacher", default=None, help="The student configuration's teacher.")
+    parser.add_argument("--max_eval_tokens", type=int, default=20_000, help="lstm-medium: validation tokens scored.")
+    options = parser.parse_args(argv)
+    seeds = [int(s) for s in options.seeds.split(",")]
+    if options.steps < 1 or not seeds:
+        parser.error("--steps must be >= 1 and --seeds non-empty")
+    rows = []
+    for name in options.configs.split(","):
+        base, distill = config_argv(name, options)
+        results: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+        for seed in seeds:
+            for precision in results:
+                out = tempfile.mkdtemp(prefix=f"bench_bf16_{name}_{precision}_")
+                argv = [*base, *QUIET, "--max_steps", str(options.steps), "--seed", str(seed), "--output_dir", out,
+                        "--bf16", "true" if precision == "bf16" else "false"]  # fmt: skip
+                if options.data_dir:
+                    argv += ["--data_dir", options.data_dir]
+                metrics = run(argv, distill)
+                results[precision].append(metrics)
+                print(f"{name} {precision} seed {seed}: {metrics['train_runtime_s'] / options.steps:.3f} s/step, "
+                      f"validation perplexity {metrics['validation_perplexity']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+        step = {p: statistics.median(m["train_runtime_s"] / options.steps for m in runs) for p, runs in results.items()}
+        perplexity = {p: [m["validation_perplexity"] for m in runs] for p, runs in results.items()}
+        rows.append((name, step["fp32"], step["bf16"], step["fp32"] / step["bf16"], mean_sd(perplexity["fp32"]),
+                     mean_sd(perplexity["bf16"]),
+                     statistics.mean(perplexity["bf16"]) - statistics.mean(perplexity["fp32"])))  # fmt: skip
+    cpu = platform.processor() or platform.machine()
+    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {options.steps} steps; seeds {seeds}\n")
+    print("| configuration | fp32 s/step | bf16 s/step | bf16 speed-up | fp32 validation perplexity | "
+          "bf16 validation perplexity | bf16 - fp32 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, fp32, bf16, speedup, p32, p16, delta in rows:
+        print(f"| {name} | {fp32:.3f} | {bf16:.3f} | {speedup:.2f}x | {p32} | {p16} | {delta:+.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
