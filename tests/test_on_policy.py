@@ -219,14 +219,14 @@ def test_resumed_on_policy_run_ends_where_an_uninterrupted_one_does(lm_data, tmp
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"lmbda": 1.5}, "lmbda must be in \\[0, 1\\]"),
-        ({"lmbda": -0.1}, "lmbda must be in \\[0, 1\\]"),
-        ({"lmbda": 0.5, "jsd_beta": 1.2}, "jsd_beta must be in \\[0, 1\\]"),
-        ({"lmbda": 0.5, "gkd_max_new_tokens": 0}, "gkd_max_new_tokens must be >= 1"),
-        ({"lmbda": 0.5, "gkd_temperature": 0.0}, "gkd_temperature must be > 0"),
-        ({"lmbda": 0.5, "gkd_top_p": 0.0}, "gkd_top_p must be in \\(0, 1\\]"),
-        ({"lmbda": 0.5, "loss": "ce"}, "need a teacher to score"),
-        ({"seq_kd": True, "teacher_cache": "cache"}, "teacher cache"),
+        pytest.param({"lmbda": 1.5}, "lmbda must be in \\[0, 1\\]", id="lmbda-above-one"),
+        pytest.param({"lmbda": -0.1}, "lmbda must be in \\[0, 1\\]", id="lmbda-negative"),
+        pytest.param({"lmbda": 0.5, "jsd_beta": 1.2}, "jsd_beta must be in \\[0, 1\\]", id="beta-above-one"),
+        pytest.param({"lmbda": 0.5, "gkd_max_new_tokens": 0}, "gkd_max_new_tokens must be >= 1", id="no-new-tokens"),
+        pytest.param({"lmbda": 0.5, "gkd_temperature": 0.0}, "gkd_temperature must be > 0", id="zero-temperature"),
+        pytest.param({"lmbda": 0.5, "gkd_top_p": 0.0}, "gkd_top_p must be in \\(0, 1\\]", id="zero-top-p"),
+        pytest.param({"lmbda": 0.5, "loss": "ce"}, "need a teacher to score", id="no-teacher"),
+        pytest.param({"seq_kd": True, "teacher_cache": "cache"}, "teacher cache", id="teacher-cache"),
     ],
 )
 def test_bad_on_policy_arguments_are_refused(tmp_path, overrides, message):
