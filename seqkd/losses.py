@@ -18,10 +18,15 @@ Reductions: ``"mean"`` divides the sum over non-ignored tokens by their number, 
 when given (so that gradient accumulation normalises over the whole accumulated batch, as transformers'
 ``Trainer`` does); ``"sum"``; ``"none"`` returns per-token values of the labels' shape, 0 where ignored.
 A batch whose tokens are all ignored has loss 0 and a zero gradient.
+
+Fused linear head: :func:`fused_linear_distillation_loss` takes the student's (and the teacher's) hidden states
+and LM-head weights instead of logits, projects one block of tokens at a time and runs the same kernels on it,
+so that neither model's ``[N, V]`` logits, nor their gradient, ever exist: memory is ``O(block x V + weights)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +47,7 @@ __all__ = [
     "distillation_loss",
     "dkd_loss",
     "dkpp_loss",
+    "fused_linear_distillation_loss",
     "kd_loss",
     "label_smoothed_cross_entropy",
     "loss_names",
@@ -56,6 +62,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Elements of one chunk of logits (16 MiB in float32): small enough that the temporaries stay cheap, large
 # enough that each kernel call amortises the Python overhead.
 _CHUNK_ELEMENTS = 1 << 22
+# Elements of one block of projected logits in the fused linear path (128 MiB in float32). A block is a whole
+# number of chunks; it is larger than a chunk because each block also reads and writes the whole weight
+# gradient ([V, H]), which a few dozen rows would not amortise.
+_FUSED_BLOCK_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -152,6 +162,8 @@ class SparseTeacher:
 def _teacher_rows(teacher, start: int, stop: int, dtype: torch.dtype) -> Tensor:
     if isinstance(teacher, SparseTeacher):
         return teacher.dense_logprobs(start, stop, dtype)
+    if isinstance(teacher, _ProjectedTeacher):
+        return teacher.rows(start, stop, dtype)
     return teacher[start:stop].to(dtype)
 
 
@@ -499,6 +511,10 @@ def _ce_kernel(s, t, y, aux, params, want_grad):
     return loss, parts, grad
 
 
+# CWTM passes its teacher only for the confidence weights: the chunks need not expand or project it.
+_ce_kernel.reads_teacher = False
+
+
 def _permute_except_argmax(q: Tensor, generator: torch.Generator) -> Tensor:
     """Randomly permute each row's probabilities among its non-argmax positions; the argmax keeps its own."""
     argmax = q.argmax(-1, keepdim=True)
@@ -609,24 +625,35 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         return (grad,) + (None,) * 8
 
 
-def _chunk_args(kernel, student, teacher, labels, aux, start, stop, compute_dtype):
-    if teacher is None:
-        teacher_rows = None
-    elif isinstance(teacher, SparseTeacher) and getattr(kernel, "takes_sparse_teacher", False):
+def _teacher_chunk(kernel, teacher, start, stop, compute_dtype):
+    """The teacher's rows ``start:stop`` in the form ``kernel`` takes (dense, or top-k for a sparse kernel)."""
+    if teacher is None or not getattr(kernel, "reads_teacher", True):
+        return None
+    if isinstance(teacher, SparseTeacher) and getattr(kernel, "takes_sparse_teacher", False):
         logprobs = teacher.logprobs[start:stop].to(compute_dtype)
         if teacher.residual is not None:
             residual = teacher.residual[start:stop].to(compute_dtype)
         else:
             residual = (-torch.expm1(torch.logsumexp(logprobs, -1))).clamp(min=0.0)
-        teacher_rows = (teacher.ids[start:stop].long(), logprobs, residual, teacher.tail)
-    else:
-        teacher_rows = _teacher_rows(teacher, start, stop, compute_dtype)
+        return (teacher.ids[start:stop].long(), logprobs, residual, teacher.tail)
+    return _teacher_rows(teacher, start, stop, compute_dtype)
+
+
+def _chunk_args(kernel, student, teacher, labels, aux, start, stop, compute_dtype):
     return (
         student[start:stop].to(compute_dtype),
-        teacher_rows,
+        _teacher_chunk(kernel, teacher, start, stop, compute_dtype),
         labels[start:stop],
         None if aux is None else aux[start:stop],
     )
+
+
+def _flat_teacher(teacher_logits, vocab_size: int):
+    if teacher_logits is None:
+        return None
+    if isinstance(teacher_logits, SparseTeacher):
+        return teacher_logits.flatten_tokens()
+    return teacher_logits.detach().reshape(-1, vocab_size)
 
 
 def _token_loss(
@@ -658,25 +685,28 @@ def _token_loss(
             )
     token_shape = student_logits.shape[:-1]
     vocab_size = student_logits.shape[-1]
-    student = student_logits.reshape(-1, vocab_size)
-    if teacher_logits is None:
-        teacher = None
-    elif isinstance(teacher_logits, SparseTeacher):
-        teacher = teacher_logits.flatten_tokens()
-    else:
-        teacher = teacher_logits.detach().reshape(-1, vocab_size)
+    num_tokens = math.prod(token_shape)
+    device = student_logits.device
     if labels is None:
-        valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device)
-        flat_labels = torch.zeros(student.shape[0], dtype=torch.long, device=student.device)
+        valid = torch.ones(num_tokens, dtype=torch.bool, device=device)
+        flat_labels = torch.zeros(num_tokens, dtype=torch.long, device=device)
     else:
-        flat_labels = labels.reshape(-1).to(device=student.device, dtype=torch.long)
+        flat_labels = labels.reshape(-1).to(device=device, dtype=torch.long)
         valid = flat_labels != ignore_index
         flat_labels = flat_labels.masked_fill(~valid, 0)
     chunk_rows = _chunk_rows(vocab_size, chunk_size)
-    aux = None if aux_fn is None else aux_fn(teacher, valid, chunk_rows)
-    losses, parts = _ChunkedTokenLoss.apply(
-        student, teacher, flat_labels, valid, aux, kernel, params, chunk_rows, len(part_names)
-    )
+    if isinstance(student_logits, _LogitsStandIn):
+        # Inside fused_linear_distillation_loss: its session records this term, or hands back its values.
+        losses, parts = student_logits.session.token_term(
+            student_logits, kernel, part_names, teacher_logits, flat_labels, valid, params, chunk_rows, aux_fn
+        )
+    else:
+        student = student_logits.reshape(-1, vocab_size)
+        teacher = _flat_teacher(teacher_logits, vocab_size)
+        aux = None if aux_fn is None else aux_fn(teacher, valid, chunk_rows)
+        losses, parts = _ChunkedTokenLoss.apply(
+            student, teacher, flat_labels, valid, aux, kernel, params, chunk_rows, len(part_names)
+        )
     loss = _reduce(losses, valid, reduction, num_items_in_batch, token_shape)
     reduced_parts = {
         name: _reduce(part, valid, reduction, num_items_in_batch, token_shape).detach()
@@ -916,7 +946,9 @@ def register_distillation_term(
 ):
     """Register ``fn(student_logits, teacher_logits, labels, options, **common) -> LossOutput`` as the loss
     ``name`` of :func:`distillation_loss` (and of the trainer's ``loss`` field): the gold-label term plus it.
-    ``forward_kl(options)`` says when the term is forward KL, which the gold term may share one softmax with."""
+    ``forward_kl(options)`` says when the term is forward KL, which the gold term may share one softmax with.
+    :func:`fused_linear_distillation_loss` fuses a term built from seqkd's token losses (``kd_loss``, ...) and
+    refuses one that computes on the logits itself."""
     if name in ("ce", "ls") or name in DISTILLATION_TERMS:
         raise InvalidValueError(f"a loss named {name!r} is registered already: choose another name")
 
@@ -1053,5 +1085,526 @@ def distillation_loss(
         terms.append((kd_weight, value))
     loss = sum(weight * value.loss for weight, value in terms)
     if not terms:  # both weights 0: a zero loss that still backpropagates
-        loss = student_logits.sum() * 0.0
+        loss = _zero_loss(student_logits)
     return LossOutput(loss=loss, parts=parts)
+
+
+def _zero_loss(student_logits: Tensor) -> Tensor:
+    if isinstance(student_logits, _LogitsStandIn):
+        return student_logits.session.zero_loss()
+    return student_logits.sum() * 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused linear path: hidden states and LM heads instead of logits.
+#
+# fused_linear_distillation_loss runs distillation_loss twice on stand-ins for the logits, which have a shape,
+# a dtype and a device but no storage. The first run records which chunked kernels (_token_loss calls) the loss
+# is made of, and -- through per-token placeholders -- how much each token of each kernel weighs in the final
+# loss. One pass over blocks of tokens then projects each block, runs every recorded kernel on it and folds the
+# weighted logits' gradient into the gradients of the hidden states and weights. The second run composes the
+# loss and its parts from the kernels' real values exactly as the logits path does. Every registered term is
+# therefore fused through the same code as the logits path; one that computes on the logits itself cannot be
+# (its stand-in refuses every operation), and is refused rather than computed differently.
+
+
+def _cannot_fuse(name: str, what: str) -> InvalidValueError:
+    return InvalidValueError(
+        f"loss {name!r} {what}, which fused_linear_distillation_loss cannot fuse: build the term from seqkd's "
+        "token losses (kd_loss, dkd_loss, label_smoothed_cross_entropy, ...), or compute the logits and call "
+        "distillation_loss"
+    )
+
+
+class _LogitsStandIn(Tensor):
+    """The ``[..., V]`` logits of the student or teacher of a fused call: metadata only, no storage."""
+
+    @staticmethod
+    def __new__(cls, shape, dtype, device, session, role):
+        stand_in = Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device)
+        stand_in.session, stand_in.role = session, role
+        return stand_in
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        stand_in = next(a for a in flat if isinstance(a, _LogitsStandIn))
+        raise _cannot_fuse(stand_in.session.name, f"computes on the {stand_in.role}'s logits itself ({func})")
+
+
+class _ProjectedTeacher:
+    """A teacher's logits as ``hidden @ weight.T + bias``, projected one aligned block of rows at a time.
+
+    The last block is kept until another is asked for, so that the chunks of every term (and of CWTM's
+    confidence pass) share one projection per block; :meth:`release` frees it.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        self.hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.shape = (self.hidden.shape[0], weight.shape[0])
+        self.dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        self.device = hidden.device
+        self.block_rows = max(1, self.shape[0])
+        self.release()
+
+    def release(self) -> None:
+        self._block_start, self._block, self._weight = None, None, None
+
+    def _project(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        if self._weight is None or self._weight.dtype != dtype:
+            self._weight = self.weight.to(dtype)  # a copy only for half-precision weights, made once per pass
+        hidden = self.hidden[start:stop].to(dtype)
+        if self.bias is None:
+            return hidden @ self._weight.T
+        return torch.addmm(self.bias.to(dtype), hidden, self._weight.T)
+
+    def rows(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        first = start - start % self.block_rows
+        if stop > first + self.block_rows:  # straddles two blocks (a caller with other chunks): project apart
+            return self._project(start, stop, dtype)
+        if self._block_start != first or self._block.dtype != dtype:
+            self._block = None  # free the old block before projecting the next
+            self._block = self._project(first, min(first + self.block_rows, self.shape[0]), dtype)
+            self._block_start = first
+        return self._block[start - first : stop - first]
+
+
+@dataclass
+class _FusedTerm:
+    """One recorded ``_token_loss`` call of a fused loss."""
+
+    kernel: Callable
+    part_names: tuple[str, ...]
+    params: dict
+    teacher: object
+    labels: Tensor
+    valid: Tensor
+    aux_fn: Callable | None
+    chunk_rows: int
+    part_offset: int
+    placeholder: Tensor | None
+    aux: Tensor | None = None
+
+
+class _FusedSession:
+    """The state of one fused call: the recorded terms, their per-token weights and their values."""
+
+    def __init__(self, name, hidden, weight, bias, teacher, chunk_size, track_gradient):
+        self.name, self.hidden, self.weight, self.bias, self.teacher = name, hidden, weight, bias, teacher
+        self.chunk_size, self.track_gradient = chunk_size, track_gradient
+        self.compute_dtype = _compute_dtype(torch.promote_types(hidden.dtype, weight.dtype))
+        self.terms: list[_FusedTerm] = []
+        self.num_parts = 0
+        self.replaying, self.replayed = False, 0
+        self.losses = self.parts = None
+
+    def zero_loss(self) -> Tensor:
+        tensors = [t for t in (self.hidden, self.weight, self.bias) if t is not None]
+        return sum(t.sum() for t in tensors) * 0.0
+
+    def token_term(self, student_logits, kernel, part_names, teacher_logits, labels, valid, params, chunk_rows, aux_fn):
+        if student_logits.role != "student":
+            raise _cannot_fuse(self.name, "scores the teacher's logits as a student's")
+        if self.replaying:
+            index = self.replayed
+            term = self.terms[index] if index < len(self.terms) else None
+            if term is None or (term.kernel, term.part_names, term.params, term.chunk_rows) != (
+                kernel, part_names, params, chunk_rows
+            ):
+                raise _cannot_fuse(self.name, "composes different token losses on two runs with the same inputs")
+            self.replayed += 1
+            return self.losses[index], self.parts[term.part_offset : term.part_offset + len(part_names)]
+        if isinstance(teacher_logits, _LogitsStandIn):
+            if teacher_logits.role != "teacher":
+                raise _cannot_fuse(self.name, "scores the student's logits as a teacher's")
+            teacher = self.teacher
+        else:
+            teacher = _flat_teacher(teacher_logits, student_logits.shape[-1])
+        n = valid.shape[0]
+        # Stands for this term's per-token losses: the gradient of the composed loss with respect to it is
+        # each token's weight, which the single pass needs before the values exist.
+        placeholder = torch.zeros(n, dtype=self.compute_dtype, device=valid.device, requires_grad=self.track_gradient)
+        self.terms.append(
+            _FusedTerm(
+                kernel, part_names, params, teacher, labels, valid, aux_fn, chunk_rows, self.num_parts, placeholder
+            )
+        )
+        self.num_parts += len(part_names)
+        return placeholder, torch.zeros(len(part_names), n, dtype=self.compute_dtype, device=valid.device)
+
+    def plan(self, template: LossOutput) -> None:
+        """The per-token weight of each recorded term in the composed loss, and the blocks of the pass."""
+        if template.loss.dim() != 0:
+            raise _cannot_fuse(self.name, f"is not a scalar (shape {tuple(template.loss.shape)})")
+        if not self.terms:
+            return
+        placeholders = [term.placeholder for term in self.terms]
+        grads = [None] * len(placeholders)
+        if template.loss.requires_grad:
+            grads = torch.autograd.grad(template.loss, placeholders, allow_unused=True)
+        zeros = torch.zeros_like(placeholders[0], requires_grad=False)
+        for term in self.terms:
+            term.placeholder = None
+        self.valid = torch.stack([term.valid for term in self.terms])
+        self.weights = torch.stack([zeros if g is None else g for g in grads]) * self.valid
+        self.part_valid = torch.stack([term.valid for term in self.terms for _ in term.part_names])
+        self.chunk_rows = self.terms[0].chunk_rows
+        if any(term.chunk_rows != self.chunk_rows for term in self.terms):
+            raise _cannot_fuse(self.name, "runs its token losses in chunks of different sizes")
+        # Blocks are whole chunks, so that every kernel sees the chunks (and DKPP the seeds) of the logits path.
+        if self.chunk_size is not None:
+            self.block_rows = self.chunk_rows
+        else:
+            vocab_size = self.weight.shape[0]
+            self.block_rows = self.chunk_rows * max(1, _FUSED_BLOCK_ELEMENTS // (self.chunk_rows * vocab_size))
+        if self.teacher is not None:
+            self.teacher.block_rows = self.block_rows
+
+    def run(self) -> None:
+        if not self.terms:
+            return
+        with _full_precision(self.hidden.device), torch.no_grad():
+            for term in self.terms:
+                if term.aux_fn is not None:
+                    term.aux = term.aux_fn(term.teacher, term.valid, term.chunk_rows)
+            if self.teacher is not None:
+                self.teacher.release()
+        self.losses, self.parts = _FusedLinearTokenLoss.apply(self.hidden, self.weight, self.bias, self)
+        self.replaying = True
+
+    def check_replayed(self) -> None:
+        if self.replayed != len(self.terms):
+            raise _cannot_fuse(self.name, "composes different token losses on two runs with the same inputs")
+
+
+def _full_precision(device: torch.device):
+    # Under autocast the projection would run in half precision; the kernels' contract is float32 or float64.
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _rewound_rng(generator: torch.Generator | None, device: torch.device):
+    """Undo the body's draws from torch's random generators, so that a second run draws the same numbers."""
+    state = None if generator is None else generator.get_state()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        if generator is not None:
+            generator.set_state(state)
+
+
+def _fused_pass(session: _FusedSession, hidden, weight, bias, token_weights, want, values: bool):
+    """Per-token losses and parts of every term (when ``values``), and the gradients of hidden, weight and bias
+    (those ``want`` asks for) of ``sum_k sum_i token_weights[k, i] * loss_k,i``, one block of tokens at a time."""
+    dtype = session.compute_dtype
+    want_hidden, want_weight, want_bias = want
+    want_grad = any(want)
+    n, vocab_size = hidden.shape[0], weight.shape[0]
+    w = weight.detach().to(dtype)
+    b = None if bias is None else bias.detach().to(dtype)
+    device = hidden.device
+    losses = torch.zeros(len(session.terms), n, dtype=dtype, device=device) if values else None
+    parts = torch.zeros(session.num_parts, n, dtype=dtype, device=device) if values else None
+    grad_hidden = torch.empty(n, w.shape[1], dtype=dtype, device=device) if want_hidden else None
+    grad_weight = torch.zeros(w.shape, dtype=dtype, device=device) if want_weight else None
+    grad_bias = torch.zeros(vocab_size, dtype=dtype, device=device) if want_bias else None
+    with _full_precision(device), torch.no_grad():
+        for block_start in range(0, n, session.block_rows):
+            block_stop = min(block_start + session.block_rows, n)
+            h = hidden[block_start:block_stop].detach().to(dtype)
+            logits = h @ w.T if b is None else torch.addmm(b, h, w.T)
+            for start in range(block_start, block_stop, session.chunk_rows):
+                stop = min(start + session.chunk_rows, block_stop)
+                s = logits[start - block_start : stop - block_start]
+                grad = None
+                for k, term in enumerate(session.terms):
+                    loss, term_parts, term_grad = term.kernel(
+                        s,
+                        _teacher_chunk(term.kernel, term.teacher, start, stop, dtype),
+                        term.labels[start:stop],
+                        None if term.aux is None else term.aux[start:stop],
+                        dict(term.params, chunk_start=start),
+                        want_grad,
+                    )
+                    if values:
+                        losses[k, start:stop] = loss
+                        parts[term.part_offset : term.part_offset + len(term.part_names), start:stop] = term_parts
+                    if want_grad:
+                        term_grad.mul_(token_weights[k, start:stop, None])
+                        grad = term_grad if grad is None else grad.add_(term_grad)
+                if want_grad:
+                    s.copy_(grad)  # these rows' logits are spent: their gradient takes their place
+            if want_grad:
+                if want_hidden:
+                    grad_hidden[block_start:block_stop] = logits @ w
+                if want_weight:
+                    grad_weight.addmm_(logits.T, h)
+                if want_bias:
+                    grad_bias.add_(logits.sum(0))
+            del logits
+        if session.teacher is not None:
+            session.teacher.release()
+    if values:
+        losses.mul_(session.valid)
+        parts.mul_(session.part_valid)
+    return losses, parts, (grad_hidden, grad_weight, grad_bias)
+
+
+def _common_factor(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> float | None:
+    """The scalar c with ``actual == c * expected`` up to rounding, or None when there is none."""
+    actual, expected = actual.double(), expected.double()
+    norm = expected.square().sum()
+    if norm == 0:
+        return 0.0 if not actual.any() else None
+    factor = (actual * expected).sum() / norm
+    tolerance = 64 * torch.finfo(dtype).eps
+    if not torch.allclose(actual, factor * expected, rtol=tolerance, atol=torch.finfo(dtype).tiny):
+        return None
+    return float(factor)
+
+
+class _FusedLinearTokenLoss(torch.autograd.Function):
+    """Per-token losses ``[terms, N]`` and parts of a session's terms, from hidden states and an LM head.
+
+    The forward pass folds each token's logits' gradient, weighted as the composed loss weighs it, into the
+    gradients of the hidden states, weight and bias. The upstream gradient of a scalar loss is those weights
+    times one number, by which the first backward pass scales the stored gradients. Any other upstream gradient
+    (a composition that is not linear in the terms, or a second backward through a retained graph) recomputes
+    them block by block with the actual per-token weights.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, session):
+        want = tuple(ctx.needs_input_grad[:3])
+        losses, parts, grads = _fused_pass(session, hidden, weight, bias, session.weights, want, values=True)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.session = session
+        ctx.grads = grads if any(want) else None  # not saved tensors: the first backward consumes them in place
+        ctx.mark_non_differentiable(parts)
+        return losses, parts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_losses, grad_parts):
+        hidden, weight, bias = ctx.saved_tensors
+        session = ctx.session
+        want = tuple(ctx.needs_input_grad[:3])
+        if not any(want):
+            return None, None, None, None
+        token_weights = grad_losses.to(session.compute_dtype) * session.valid
+        grads, ctx.grads = ctx.grads, None
+        factor = None if grads is None else _common_factor(token_weights, session.weights, session.compute_dtype)
+        if factor is None:
+            _, _, grads = _fused_pass(session, hidden, weight, bias, token_weights, want, values=False)
+            factor = 1.0
+        result = []
+        for grad, tensor in zip(grads, (hidden, weight, bias)):
+            if grad is not None:
+                if factor != 1.0:
+                    grad.mul_(factor)
+                grad = grad.to(tensor.dtype)
+            result.append(grad)
+        return (*result, None)
+
+
+def _check_float_tensor(name: str, value, shape_hint: str) -> None:
+    if not isinstance(value, Tensor):
+        raise InvalidValueError(f"{name} must be a torch.Tensor {shape_hint}, got {type(value).__name__}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise InvalidValueError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    if value.dim() < 1 or value.shape[-1] < 1:
+        raise InvalidValueError(f"{name} must have shape {shape_hint}, got {tuple(value.shape)}")
+
+
+def _check_head(prefix: str, hidden: Tensor, weight, bias) -> None:
+    """``{prefix}_hidden`` [..., H], ``{prefix}_weight`` [V, H] and ``{prefix}_bias`` [V] fit together."""
+    _check_float_tensor(f"{prefix}_hidden", hidden, "[..., H]")
+    _check_float_tensor(f"{prefix}_weight", weight, "[V, H] (the LM head's weight)")
+    if weight.dim() != 2:
+        raise InvalidValueError(
+            f"{prefix}_weight must be the LM head's weight [V, H], a matrix, got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[1] != hidden.shape[-1]:
+        raise InvalidValueError(
+            f"{prefix}_weight has shape {tuple(weight.shape)}, whose {weight.shape[1]} columns do not match "
+            f"{prefix}_hidden's hidden size {hidden.shape[-1]}: pass the LM head's weight as [V, H] "
+            "(nn.Linear.weight, not its transpose), and the hidden states it projects"
+        )
+    if bias is not None:
+        _check_float_tensor(f"{prefix}_bias", bias, f"[{weight.shape[0]}] (one entry per vocabulary token)")
+        if bias.shape != weight.shape[:1]:
+            raise InvalidValueError(
+                f"{prefix}_bias must have shape ({weight.shape[0]},), one entry per row of {prefix}_weight, "
+                f"got {tuple(bias.shape)}"
+            )
+    for other_name, other in ((f"{prefix}_weight", weight), (f"{prefix}_bias", bias)):
+        if other is not None and other.device != hidden.device:
+            raise InvalidValueError(
+                f"{other_name} is on {other.device} but {prefix}_hidden on {hidden.device}: keep the LM head on "
+                "the hidden states' device"
+            )
+
+
+def _check_fused_inputs(
+    name, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher,
+    labels, kd_weight, reduction,
+) -> None:  # fmt: skip
+    _check_choice("loss name", name, loss_names())
+    _check_head("student", student_hidden, student_weight, student_bias)
+    vocab_size, token_shape = student_weight.shape[0], tuple(student_hidden.shape[:-1])
+    dense = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
+    if dense and teacher is not None:
+        raise InvalidValueError(
+            "pass the teacher either as teacher_hidden and teacher_weight (its hidden states and LM head) or as "
+            "teacher (a SparseTeacher), not both"
+        )
+    if dense:
+        if teacher_hidden is None or teacher_weight is None:
+            missing = "teacher_weight" if teacher_hidden is not None else "teacher_hidden"
+            raise InvalidValueError(
+                f"{missing} is missing: a dense teacher is its hidden states (teacher_hidden) and its LM head's "
+                "weight (teacher_weight), with an optional teacher_bias"
+            )
+        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+        teacher_vocab, teacher_tokens, where = teacher_weight.shape[0], teacher_hidden.shape[:-1], "teacher_hidden"
+        teacher_device = teacher_hidden.device
+    elif teacher is not None:
+        if not isinstance(teacher, (SparseTeacher, Tensor)):
+            raise InvalidValueError(
+                f"teacher must be a SparseTeacher (a teacher cache's top-k rows) or the teacher's logits, got "
+                f"{type(teacher).__name__}: pass a live teacher as teacher_hidden and teacher_weight"
+            )
+        teacher_vocab, teacher_tokens, where = teacher.shape[-1], teacher.shape[:-1], "teacher"
+        teacher_device = teacher.device
+    if dense or teacher is not None:
+        if teacher_vocab != vocab_size:
+            raise InvalidValueError(
+                f"teacher vocabulary size ({teacher_vocab}) differs from the student's ({vocab_size}): distil "
+                "between models that share one tokenizer, or map the vocabularies first"
+            )
+        if tuple(teacher_tokens) != token_shape:
+            raise InvalidValueError(
+                f"{where} holds tokens of shape {tuple(teacher_tokens)} but student_hidden {token_shape}: feed both "
+                "models the same batch"
+            )
+        if teacher_device != student_hidden.device:
+            raise InvalidValueError(
+                f"the teacher is on {teacher_device} but student_hidden on {student_hidden.device}: move the "
+                "teacher to the student's device"
+            )
+    elif name in DISTILLATION_TERMS and isinstance(kd_weight, (int, float)) and kd_weight > 0:
+        raise InvalidValueError(
+            f"loss {name!r} needs a teacher: pass teacher_hidden and teacher_weight (its hidden states and LM "
+            "head), or teacher=SparseTeacher(...); use 'ce' or 'ls' to train from labels alone"
+        )
+    if isinstance(labels, Tensor) and tuple(labels.shape) != token_shape:
+        raise InvalidValueError(
+            f"labels shape {tuple(labels.shape)} must equal student_hidden's shape without the hidden dimension, "
+            f"{token_shape}; align them first (for a causal LM shift the labels: labels[..., 1:] against "
+            "hidden[..., :-1, :])"
+        )
+    if reduction == "none":
+        raise InvalidValueError(
+            "reduction 'none' cannot be fused: the fused path folds each token's gradient into the weights' "
+            "gradient during the forward pass, before a per-token upstream gradient is known; use reduction "
+            "'mean' or 'sum', or the logits path (distillation_loss)"
+        )
+    _check_choice("reduction", reduction, ("mean", "sum"))
+
+
+def fused_linear_distillation_loss(
+    name: str,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    labels: Tensor | None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher: SparseTeacher | Tensor | None = None,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+    label_smoothing: float | None = None,
+    temperature: float | None = None,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    generator: torch.Generator | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
+    """:func:`distillation_loss` of the logits ``student_hidden @ student_weight.T + student_bias``, computed
+    without them: same loss names, options, parts and values, to rounding.
+
+    ``student_hidden`` ``[..., H]`` are the states the LM head projects, ``student_weight`` ``[V, H]`` its weight
+    (possibly tied to an embedding), ``student_bias`` ``[V]`` an optional bias (such as Marian's
+    ``final_logits_bias``, which need not require grad); ``labels`` ``[...]`` are aligned with the hidden states.
+    The teacher is ``teacher_hidden`` ``[..., H_t]`` (``H_t`` may differ from ``H``) with its own
+    ``teacher_weight`` ``[V, H_t]`` and ``teacher_bias``, or ``teacher``: a :class:`SparseTeacher` (a teacher
+    cache's rows) or, where they exist anyway, the teacher's logits; or none for ``"ce"`` and ``"ls"``.
+    No gradient flows to the teacher.
+
+    Memory: ``O(block x V + weights)`` instead of ``O(N x V)``. Tokens are projected a block at a time (a whole
+    number of the logits path's chunks, about 128 MiB of float32 logits; exactly ``chunk_size`` rows when it is
+    given), the block's logits computed in float32 (float64 for float64 inputs) and scored by the logits path's
+    kernels, and their gradient folded into those of the hidden states, weight and bias during the forward
+    pass; neither model's ``[N, V]`` logits nor their gradient ever exist. Half-precision weights are copied to
+    float32 once per pass, and their gradient is accumulated in float32. CWTM projects the teacher twice (its
+    confidence weights need the whole batch first).
+
+    ``reduction`` is ``"mean"`` (with ``num_items_in_batch`` as in :func:`distillation_loss`) or ``"sum"``;
+    ``"none"`` cannot be fused, since the per-token upstream gradient is unknown during the forward pass. A
+    second backward through a retained graph recomputes the gradients. DKPP draws the same permutations as the
+    logits path with the same ``chunk_size`` and ``generator``. A registered term that computes on the logits
+    itself, rather than through seqkd's token losses, is refused.
+    """
+    _check_fused_inputs(
+        name, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher,
+        labels, kd_weight, reduction,
+    )  # fmt: skip
+    vocab_size, hidden_size = student_weight.shape
+    device = student_hidden.device
+    heads = (student_hidden, student_weight, student_bias)
+    track_gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in heads)
+    projected = None if teacher_weight is None else _ProjectedTeacher(teacher_hidden, teacher_weight, teacher_bias)
+    session = _FusedSession(
+        name, student_hidden.reshape(-1, hidden_size), student_weight, student_bias, projected, chunk_size,
+        track_gradient,
+    )  # fmt: skip
+    logits_shape = (*student_hidden.shape[:-1], vocab_size)
+    student_logits = _LogitsStandIn(
+        logits_shape, torch.promote_types(student_hidden.dtype, student_weight.dtype), device, session, "student"
+    )
+    if projected is None:
+        teacher_logits = teacher
+    else:
+        teacher_logits = _LogitsStandIn(logits_shape, projected.dtype, device, session, "teacher")
+    options = {
+        "ce_weight": ce_weight, "kd_weight": kd_weight, "label_smoothing": label_smoothing,
+        "temperature": temperature, "divergence": divergence, "jsd_beta": jsd_beta, "alpha": alpha, "beta": beta,
+        "generator": generator, "ignore_index": ignore_index, "reduction": reduction,
+        "num_items_in_batch": num_items_in_batch, "chunk_size": chunk_size,
+    }  # fmt: skip
+    # The recording run validates every option and draws DKPP's seed; the replay must draw the same one.
+    with _rewound_rng(generator, device):
+        template = distillation_loss(name, student_logits, teacher_logits, labels, **options)
+    session.plan(template)
+    del template
+    try:
+        session.run()
+        result = distillation_loss(name, student_logits, teacher_logits, labels, **options)
+        session.check_replayed()
+    finally:
+        # The autograd node keeps the session: without its outputs, which hold the node, there is no cycle that
+        # would keep the model's activations alive until the garbage collector runs.
+        session.losses = session.parts = None
+    return result
