@@ -232,7 +232,12 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
         "train_loss": output.metrics.get("train_loss"),
         "train_runtime_s": output.metrics.get("train_runtime"),
         "world_size": args.world_size,
+        "epochs": trainer.state.epoch,
     }
+    if args.early_stopping_patience is not None:
+        best = trainer.state.best_model_checkpoint
+        metrics.update(best_metric=trainer.state.best_metric, best_step=int(best.rsplit("-", 1)[-1]) if best else None,
+                       stopped_early=trainer.state.global_step < trainer.state.max_steps)  # fmt: skip
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if k.startswith(split) and not k.endswith("_tokens")})

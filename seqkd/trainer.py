@@ -156,6 +156,14 @@ class DistillationArguments(Seq2SeqTrainingArguments):
     gkd_top_p: float = field(
         default=1.0, metadata={"help": "lmbda / seq_kd sampling: nucleus mass, in (0, 1]; 1 keeps all tokens."}
     )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training once metric_for_best_model (default: the validation loss; e.g. 'bleu' with "
+            "predict_with_generate) has not improved for this many evaluations, and keep the best checkpoint as "
+            "the final model (load_best_model_at_end). Needs eval_strategy epoch or steps."
+        },
+    )
     bleu_tokenize: str = field(
         default="13a",
         metadata={
@@ -211,6 +219,16 @@ class DistillationArguments(Seq2SeqTrainingArguments):
                 )
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise InvalidValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise InvalidValueError(f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+            if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+                raise InvalidValueError(
+                    "early_stopping_patience needs evaluations to compare: set eval_strategy to 'epoch' (or 'steps', "
+                    "with save_strategy the same)"
+                )
+            # The best checkpoint must survive rotation and become the saved model.
+            self.load_best_model_at_end = True
         if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _has_bf16_accelerator():
             # transformers refuses bf16 without a GPU unless use_cpu is set; on a CPU-only machine the field can only
             # mean CPU autocast, which Accelerate applies once use_cpu is on (the losses stay in float32).
@@ -376,6 +394,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_names: list[str] = []
         self.add_callback(_ResetStreamStateAtEpoch(self))
+        if args.early_stopping_patience is not None:
+            from transformers import EarlyStoppingCallback
+
+            self.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
 
     # ---- the teacher -------------------------------------------------------------------------------------
 

@@ -263,3 +263,20 @@ def test_born_again_from_cached_generations(recipe, corpus_dir, tmp_path):
     assert not (out / "gen-2" / "teacher-cache").exists()
     metrics = json.loads((out / "gen-2" / "metrics.json").read_text())
     assert metrics["loss"] == "ban" and metrics["test_perplexity"] < 14
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe, corpus_dir, tmp_path, capsys):
+    # Learning rate 0: the validation loss never improves after the first evaluation, so patience 2 stops the
+    # run after its third epoch of ten, and the model saved is the first epoch's (the best).
+    out = tmp_path / "early"
+    run("train", recipe, "--dataset", corpus_dir, "--output_dir", out, "--num_train_epochs", "10", "--learning_rate", "0",
+        "--lr_scheduler_type", "constant", "--early_stopping_patience", "2", "--save_total_limit", "1")  # fmt: skip
+    metrics = json.loads((out / "model" / "metrics.json").read_text())
+    steps_per_epoch = metrics["best_step"]
+    assert metrics["stopped_early"] and metrics["epochs"] == pytest.approx(3.0)
+    # the finished run keeps the best checkpoint alone (transformers drops the last one at the end with limit 1)
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps_per_epoch}"]
+    assert metrics["best_metric"] == pytest.approx(metrics["validation_loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
+        run("train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "no-eval", "--eval_strategy", "no",
+            "--save_strategy", "no", "--lr_scheduler_type", "constant", "--early_stopping_patience", "2")  # fmt: skip
