@@ -50,6 +50,8 @@ from seqkd.losses import (
 from seqkd.errors import InvalidValueError, MissingInputError, NonFiniteLossError
 
 logger = logging.getLogger("seqkd")
+# fused_linear 'auto' takes the fused path for batches whose logits would hold at least this many values.
+_FUSED_MIN_ELEMENTS = 1 << 28
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
 
@@ -164,6 +166,17 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             "the final model (load_best_model_at_end). Needs eval_strategy epoch or steps."
         },
     )
+    fused_linear: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute the loss from the models' last hidden states and LM heads, never building the [tokens, "
+            "vocabulary] logits (seqkd.losses.fused_linear_distillation_loss): 'true', 'false', or 'auto' (when a "
+            "batch's logits would hold >= 2**28 values, 1 GiB in float32, and the models allow it). Supported: "
+            "seqkd's LSTMs, GPT-2, Marian and BART, in one process; elsewhere (several processes, FSDP, DeepSpeed) "
+            "'auto' uses the logits.",
+            "choices": ["auto", "true", "false"],
+        },
+    )
     bleu_tokenize: str = field(
         default="13a",
         metadata={
@@ -217,6 +230,7 @@ class DistillationArguments(Seq2SeqTrainingArguments):
                     "lmbda / seq_kd score targets generated during training, which a teacher cache (written for the "
                     "data's own targets) cannot: drop teacher_cache and give teacher_model_name_or_path"
                 )
+        _check_choice("fused_linear", self.fused_linear, ("auto", "true", "false"))
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise InvalidValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
         if self.early_stopping_patience is not None:
@@ -382,6 +396,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Recurrent states run on across the batches of a stream only; blocks and prompts each start afresh.
         self._carry_state = self._stateful and _is_stream(self.train_dataset)
         self.teacher_signal = self._build_teacher_signal()
+        self._fused_linear = self._fused_linear_mode(model)
         self._generation_seconds = self._step_seconds = 0.0
         self._logged_batches: dict[str, int] = {}
         self._student_state = self._teacher_state = None
@@ -438,6 +453,30 @@ class DistillationTrainer(Seq2SeqTrainer):
             live, lmbda=args.lmbda, seq_kd=args.seq_kd, generation_kwargs=sampling,
             synced_gpus=sharded and self.accelerator.num_processes > 1,
         )  # fmt: skip
+
+    def _fused_linear_mode(self, model) -> str:
+        """'never', 'always' or 'large' (batches whose logits would hold >= _FUSED_MIN_ELEMENTS values)."""
+        from seqkd.models import supports_hidden_head
+
+        args = self.args
+        if args.fused_linear == "false":
+            return "never"
+        teacher = self.teacher if self.teacher_signal.kind in ("live", "generated") else None
+        unsupported = [type(m).__name__ for m in (model, teacher) if m is not None and not supports_hidden_head(m)]
+        distributed = self.args.world_size > 1 or self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if args.fused_linear == "true":
+            if unsupported:
+                raise InvalidValueError(
+                    f"fused_linear true takes the LM head apart, which seqkd cannot do for {', '.join(unsupported)} "
+                    "(supported: seqkd's LSTMs, GPT-2, Marian, BART): use fused_linear auto or false"
+                )
+            if distributed:
+                raise InvalidValueError(
+                    "fused_linear true runs in one process for now (a DDP, FSDP or DeepSpeed wrapper must see the "
+                    "model's own forward pass): use fused_linear auto, which falls back to the logits there"
+                )
+            return "always"
+        return "never" if unsupported or distributed else "large"
 
     # ---- data --------------------------------------------------------------------------------------------
 
@@ -520,7 +559,14 @@ class DistillationTrainer(Seq2SeqTrainer):
             # is normalised by its own tokens.
             num_items_in_batch = None
         targets = self._aligned_targets(model, inputs)
-        outputs = model(**({**inputs, "state": self._student_state} if self._carry_state else inputs))
+        student_inputs = {**inputs, "state": self._student_state} if self._carry_state else inputs
+        vocab_size = self.accelerator.unwrap_model(model).get_output_embeddings().weight.shape[0]
+        fused = self._fused_linear == "always" or (
+            self._fused_linear == "large" and targets.numel() * vocab_size >= _FUSED_MIN_ELEMENTS
+        )
+        if fused:
+            return self._fused_loss(model, signal, inputs, student_inputs, taken, targets, num_items_in_batch, return_outputs)
+        outputs = model(**student_inputs)
         if self._carry_state:
             self._student_state = _detach_state(outputs.state)
         teacher_logits, teacher_state = signal.logits(
@@ -528,24 +574,52 @@ class DistillationTrainer(Seq2SeqTrainer):
         )
         if self._carry_state and signal.kind == "live":
             self._teacher_state = _detach_state(teacher_state)
-        args = self.args
         result = distillation_loss(
-            args.loss,
-            outputs.logits,
-            teacher_logits,
-            targets,
+            self.args.loss, outputs.logits, teacher_logits, targets, **self._loss_options(taken),
+            num_items_in_batch=num_items_in_batch,
+        )
+        return self._finish_loss(model, result, teacher_logits, targets, num_items_in_batch, outputs, return_outputs)
+
+    def _loss_options(self, taken: dict) -> dict:
+        args = self.args
+        return dict(
             # A student's own sample is no reference: on it the loss is the distillation term alone.
             ce_weight=0.0 if taken["source"] == "student" else args.ce_weight,
-            kd_weight=self._kd_weight_now(),
-            label_smoothing=args.label_smoothing,
-            temperature=args.temperature,
-            divergence=args.divergence,
-            jsd_beta=args.jsd_beta,
-            alpha=args.alpha,
-            beta=args.beta,
-            num_items_in_batch=num_items_in_batch,
+            kd_weight=self._kd_weight_now(), label_smoothing=args.label_smoothing, temperature=args.temperature,
+            divergence=args.divergence, jsd_beta=args.jsd_beta, alpha=args.alpha, beta=args.beta,
             chunk_size=args.loss_chunk_size,
-        )
+        )  # fmt: skip
+
+    def _fused_loss(self, model, signal, inputs, student_inputs, taken, targets, num_items_in_batch, return_outputs):
+        """The loss from the models' last hidden states and LM heads: no [tokens, vocabulary] logits at all."""
+        from seqkd.losses import fused_linear_distillation_loss
+        from seqkd.models import hidden_and_head
+
+        hidden, weight, bias, outputs = hidden_and_head(model, student_inputs)
+        if self._carry_state:
+            self._student_state = _detach_state(outputs.state)
+        teacher = {}
+        teacher_signal_values = None
+        if signal.kind in ("live", "generated"):
+            live = signal if signal.kind == "live" else signal.scorer
+            teacher_inputs = {**inputs, "state": self._teacher_state} if self._carry_state and self._teacher_state is not None else inputs
+            with torch.no_grad():
+                t_hidden, t_weight, t_bias, t_outputs = hidden_and_head(live.teacher, teacher_inputs)
+            if self._carry_state:
+                self._teacher_state = _detach_state(t_outputs.state)
+            teacher = {"teacher_hidden": t_hidden, "teacher_weight": t_weight, "teacher_bias": t_bias}
+            teacher_signal_values = t_hidden
+        elif signal.kind == "cache":
+            teacher_signal_values, _ = signal.logits(inputs, taken, weight.shape[0])
+            teacher = {"teacher": teacher_signal_values}
+        result = fused_linear_distillation_loss(
+            self.args.loss, hidden, weight, targets, student_bias=bias, **teacher, **self._loss_options(taken),
+            num_items_in_batch=num_items_in_batch,
+        )  # fmt: skip
+        return self._finish_loss(model, result, teacher_signal_values, targets, num_items_in_batch, outputs, return_outputs)
+
+    def _finish_loss(self, model, result, teacher_logits, targets, num_items_in_batch, outputs, return_outputs):
+        args = self.args
         loss = result.loss
         if model.training:
             self._track_nonfinite(result, teacher_logits)

@@ -55,7 +55,60 @@ def realign_weights(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _is_bias_decoder(model) -> bool:
+    # Marian and BART add a bias buffer to the head's output: their decoder states come from the base model.
+    from transformers import BartForConditionalGeneration, MarianMTModel
+
+    return isinstance(model, (MarianMTModel, BartForConditionalGeneration))
+
+
+def supports_hidden_head(model) -> bool:
+    """Whether :func:`hidden_and_head` knows how ``model`` turns its last hidden states into logits (a plain
+    linear head, plus a bias for Marian and BART), so that a loss can take the hidden states instead of logits."""
+    from transformers import GPT2LMHeadModel
+
+    return isinstance(model, (LSTMForCausalLM, LSTMForConditionalGeneration, GPT2LMHeadModel)) or _is_bias_decoder(model)
+
+
+class _CapturedHead(torch.nn.Module):
+    """Stands in for a model's LM head for one forward pass: keeps the hidden states it is given and returns
+    logits of the right shape that take no memory (one zero, expanded), which the caller never reads."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.hidden = vocab_size, None
+
+    def forward(self, hidden):
+        self.hidden = hidden
+        return hidden.new_zeros(()).expand(*hidden.shape[:-1], self.vocab_size)
+
+
+def hidden_and_head(model, inputs: dict):
+    """Run ``model`` on ``inputs`` without its LM head: ``(hidden states [..., H], head weight [V, H], head bias
+    [V] or None, the model's outputs)``; the outputs' ``logits``, if any, are a placeholder not to be read.
+
+    The logits the model would have returned are ``hidden @ weight.T + bias``. For models
+    :func:`supports_hidden_head` refuses, raise ``ValueError``.
+    """
+    if not supports_hidden_head(model):
+        raise ValueError(f"{type(model).__name__} is not a model whose LM head seqkd can take apart")
+    head = model.get_output_embeddings()
+    if _is_bias_decoder(model):
+        inputs = {key: value for key, value in inputs.items() if key not in ("labels", "logits_to_keep")}
+        outputs = model.model(**inputs)
+        return outputs.last_hidden_state, head.weight, model.final_logits_bias[0], outputs
+    captured = _CapturedHead(head.weight.shape[0])
+    model.lm_head = captured
+    try:
+        outputs = model(**inputs)
+    finally:
+        model.lm_head = head
+    return captured.hidden, head.weight, head.bias, outputs
+
+
 __all__ = [
+    "hidden_and_head",
+    "supports_hidden_head",
     "realign_weights",
     "LSTMLMConfig",
     "LSTMPreTrainedModel",
