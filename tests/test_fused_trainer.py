@@ -2,29 +2,16 @@
 
 import pytest
 import torch
-from conftest import cyclic_lines
+from test_teacher_cache import corpus, lstm  # noqa: F401  (fixture and helper)
 from transformers import default_data_collator
 
 import seqkd.trainer as trainer_module
-from seqkd.data.text import StreamBatches, encode_stream, group_texts, train_word_tokenizer
+from seqkd.data.text import StreamBatches, group_texts
 from seqkd.errors import InvalidValueError
-from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm, build_seq2seq, hidden_and_head
+from seqkd.models import LSTMForCausalLM, build_causal_lm, build_seq2seq, hidden_and_head
 from seqkd.trainer import DistillationArguments, DistillationTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    lines = cyclic_lines(200)
-    tokenizer = train_word_tokenizer(lines)
-    return tokenizer, lines, encode_stream(tokenizer, lines)
-
-
-def lstm(tokenizer, seed):
-    torch.manual_seed(seed)
-    return LSTMForCausalLM(LSTMLMConfig(vocab_size=len(tokenizer), embedding_size=16, hidden_size=16, num_layers=1,
-                                        embedding_dropout=0.0, layer_dropout=0.0, output_dropout=0.0))  # fmt: skip
 
 
 def args(tmp_path, name, **overrides):
@@ -43,7 +30,7 @@ def assert_same_training(fused, logits):
 
 
 @pytest.mark.parametrize("loss", ["kd", "dkd", "ban"])
-def test_lstm_streams_with_a_live_teacher_train_as_the_logits_path(corpus, tmp_path, loss):
+def test_lstm_streams_with_a_live_teacher_train_as_the_logits_path(corpus, tmp_path, loss):  # noqa: F811
     tokenizer, _, ids = corpus
     train = StreamBatches(ids[:1200], 4, 8)
     teacher = lstm(tokenizer, 1)
@@ -57,7 +44,7 @@ def test_lstm_streams_with_a_live_teacher_train_as_the_logits_path(corpus, tmp_p
     assert_same_training(run("true"), run("false"))
 
 
-def test_gpt2_blocks_from_a_teacher_cache_train_as_the_logits_path(corpus, tmp_path):
+def test_gpt2_blocks_from_a_teacher_cache_train_as_the_logits_path(corpus, tmp_path):  # noqa: F811
     from seqkd.teacher_cache import cache_teacher
 
     tokenizer, lines, _ = corpus
@@ -109,7 +96,7 @@ def test_marian_with_a_live_teacher_trains_as_the_logits_path(tmp_path):
     assert_same_training(run("true"), run("false"))
 
 
-def test_hidden_and_head_reproduce_the_models_logits(corpus):
+def test_hidden_and_head_reproduce_the_models_logits(corpus):  # noqa: F811
     tokenizer, _, ids = corpus
     model = lstm(tokenizer, 0).eval()
     inputs = {"input_ids": ids[:24].view(3, 8)}
@@ -118,7 +105,7 @@ def test_hidden_and_head_reproduce_the_models_logits(corpus):
     assert isinstance(model.lm_head, torch.nn.Linear)  # the head is back in place
 
 
-def test_auto_fuses_only_large_batches_and_true_refuses_what_it_cannot_fuse(corpus, tmp_path, monkeypatch):
+def test_auto_fuses_only_large_batches_and_true_refuses_what_it_cannot_fuse(corpus, tmp_path, monkeypatch):  # noqa: F811
     tokenizer, _, ids = corpus
     train = StreamBatches(ids[:1200], 4, 8)
     teacher = lstm(tokenizer, 1)
