@@ -580,7 +580,8 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         losses = torch.zeros(n, dtype=compute_dtype, device=student.device)
         parts = torch.zeros(num_parts, n, dtype=compute_dtype, device=student.device)
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(student) if want_grad else None
+        single_chunk = n <= chunk_rows
+        grad = torch.empty_like(student) if want_grad and not single_chunk else None
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             loss, chunk_parts, chunk_grad = kernel(
@@ -590,7 +591,11 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             )
             losses[start:stop] = loss
             parts[:, start:stop] = chunk_parts
-            if want_grad:
+            if want_grad and single_chunk:
+                # One chunk (a small model's whole batch): its gradient is the buffer, without a copy into one.
+                # (A fresh logits-sized buffer costs page faults on every step: about as much as the kernel.)
+                grad = chunk_grad.to(student.dtype).contiguous()
+            elif want_grad:
                 grad[start:stop] = chunk_grad
         losses.mul_(valid)
         parts.mul_(valid)
