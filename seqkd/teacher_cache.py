@@ -172,6 +172,11 @@ def data_layout(dataset) -> tuple[dict, str]:
         layout = {"kind": "stream", "rows": streams, "positions": dataset.stream_length - 1}
         return layout, dataset.fingerprint
     columns = getattr(dataset, "column_names", None) or []
+    if "prompt_input_ids" in columns:
+        raise InvalidValueError(
+            "prompt-completion data (batching 'prompts') has no teacher cache: distil it from a live teacher, or "
+            "cache the language model's stream or blocks (batching 'stream' or 'blocks')"
+        )
     blocks = _blocks(dataset)
     if blocks is not None:
         return {"kind": "blocks", "rows": blocks.shape[0], "positions": blocks.shape[1]}, token_fingerprint(blocks)

@@ -299,3 +299,12 @@ def test_on_policy_language_model_from_the_command_line(cyclic_corpus_dir, tmp_p
           "--ce_weight", "0", "--gkd_max_new_tokens", "8", "--logging_steps", "3", "--output_dir", str(tmp_path / "student")])  # fmt: skip
     metrics = json.loads((tmp_path / "student" / "model" / "metrics.json").read_text())
     assert math.isfinite(metrics["validation_perplexity"]) and metrics["validation_perplexity"] < 20
+
+
+def test_prompt_completion_data_has_no_teacher_cache(lm_data, tmp_path):
+    from seqkd.teacher_cache import cache_teacher
+
+    tokenizer, dataset, _ = lm_data
+    with pytest.raises(InvalidValueError, match="prompt-completion data .* has no teacher cache"):
+        cache_teacher(lstm(tokenizer), dataset, str(tmp_path / "cache"), top_k=4, show_progress=False)
+    assert not (tmp_path / "cache").exists()
