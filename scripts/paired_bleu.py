@@ -27,7 +27,10 @@ from seqkd.pipeline import load_parallel_corpus, load_saved_model
 from seqkd.evaluation import translate
 
 
-def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: str | None = None) -> list[dict]:
+def paired_rows(
+    recipe_path: str, overrides: list[str], split: str, output_dir: str | None = None, pairs: list[tuple[str, str]] | None = None
+) -> list[dict]:
+    """The paired bootstrap of the grid's default comparisons, or of ``pairs`` of run folders (baseline, system)."""
     with open(recipe_path) as f:
         grid = yaml.safe_load(f)
     output = output_dir or grid.get("output_dir", "runs/grid")
@@ -37,8 +40,14 @@ def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: 
     with open(rows_path) as f:
         rows = json.load(f)
     teachers = [r["name"] for r in rows if r["role"] == "teacher"]
-    if len(teachers) != 2:
-        raise ValueError(f"paired_bleu compares two teachers; the grid in {output} has {teachers}")
+    if pairs is None and len(teachers) != 2:
+        raise ValueError(f"paired_bleu compares two teachers; the grid in {output} has {teachers} (or name --pairs)")
+    if not teachers:
+        raise ValueError(f"the grid in {output} has no finished teacher yet")
+    finished = {r["run"] for r in rows if r["role"] == "student"}
+    unknown = sorted({run for pair in pairs or [] for run in pair} - finished)
+    if unknown:
+        raise ValueError(f"--pairs names runs the grid in {output} has not finished: {unknown}; finished: {sorted(finished)}")
     # The data fields (corpus, languages, tokenization) are the first teacher's, as the grid's students use them.
     base_recipe = os.path.join(os.path.dirname(os.path.abspath(recipe_path)), grid["teachers"][teachers[0]])
     _, data_args, args, _ = parse_command_line("evaluate", [base_recipe, *overrides, "--split", split])
@@ -69,6 +78,8 @@ def paired_rows(recipe_path: str, overrides: list[str], split: str, output_dir: 
         return {"baseline": baseline, "system": system, "baseline_bleu": base.score, "system_bleu": result.score,
                 "difference": result.score - base.score, "p_value": result.p_value, "ci95": result.ci}  # fmt: skip
 
+    if pairs is not None:
+        return [compare(baseline, system) for baseline, system in pairs]
     first, second = teachers
     students = [r for r in rows if r["role"] == "student"]
     run = {(r["name"], r["loss"], r["teacher"]): r["run"] for r in students}
@@ -100,10 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="the grid recipe scripts/translation_grid.py ran, e.g. recipes/students_multi30k.yaml")
     parser.add_argument("--split", default="test", help="the split to translate and compare on (default: test)")
     parser.add_argument("--output_dir", default=None, help="the grid's output folder (default: the recipe's)")
+    parser.add_argument(
+        "--pairs", default=None,
+        help="compare only these runs: comma-separated BASELINE:SYSTEM run folders of the grid, e.g. "
+        "transformer-2x2-128-word-kd-from-ls:transformer-2x2-128-seq-kd-from-ls",
+    )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     if not os.path.isfile(args.recipe):
         parser.error(f"grid recipe {args.recipe!r} does not exist")
-    rows = paired_rows(args.recipe, overrides, args.split, args.output_dir)
+    pairs = None
+    if args.pairs:
+        pairs = [tuple(pair.split(":")) for pair in args.pairs.split(",")]
+        if any(len(pair) != 2 or not all(pair) for pair in pairs):
+            parser.error(f"--pairs must be comma-separated BASELINE:SYSTEM run names, got {args.pairs!r}")
+    rows = paired_rows(args.recipe, overrides, args.split, args.output_dir, pairs)
     print(format_rows(rows, args.split))
     return 0
 

@@ -71,6 +71,12 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
     assert table.count("\n") == len(compared) + 1 and "| tiny-ce | tiny-kd-from-ce |" in table
     with pytest.raises(FileNotFoundError, match="no finished grid"):
         paired.paired_rows(str(grid), [], "test", str(tmp_path / "nothing-here"))
+    # chosen pairs only: the same BLEU as the default comparison of the same runs
+    (chosen,) = paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", "tiny-kd-from-ce")])
+    default = next(r for r in compared if (r["baseline"], r["system"]) == ("tiny-ce", "tiny-kd-from-ce"))
+    assert chosen["system_bleu"] == default["system_bleu"] and chosen["p_value"] == default["p_value"]
+    with pytest.raises(ValueError, match="has not finished: \\['tiny-nope'\\]"):
+        paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", "tiny-nope")])
 
 
 def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(recipe, tmp_path):  # noqa: F811
