@@ -252,7 +252,19 @@ def test_on_policy_refuses_truncated_bptt_streams(lm_data, tmp_path):
                             args=make_args(tmp_path, lmbda=0.5), train_dataset=streams)  # fmt: skip
 
 
-def test_encoder_decoder_students_sample_their_own_targets(parallel_dir, tmp_path):  # noqa: F811
+def seq2seq(name, tokenizer):
+    if name == "lstm-seq2seq":  # seqkd's attentional LSTM: generate carries its decoder state
+        from seqkd.models import LSTMForConditionalGeneration, LSTMSeq2SeqConfig
+
+        ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        config = LSTMSeq2SeqConfig(vocab_size=len(tokenizer), decoder_start_token_id=ids["bos_token_id"], **ids,
+                                   embedding_size=16, hidden_size=16)  # fmt: skip
+        return LSTMForConditionalGeneration(config)
+    return build_seq2seq(name, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("model", ["marian-tiny", "lstm-seq2seq"])
+def test_encoder_decoder_students_sample_their_own_targets(parallel_dir, tmp_path, model):  # noqa: F811
     import datasets
 
     from seqkd.data.translation import read_lines, train_translation_tokenizer
@@ -260,7 +272,7 @@ def test_encoder_decoder_students_sample_their_own_targets(parallel_dir, tmp_pat
     pairs = datasets.Dataset.from_dict({"source": read_lines(parallel_dir / "train.de"), "target": read_lines(parallel_dir / "train.en")})
     tokenizer = train_translation_tokenizer(pairs, 100, pretokenized=True)
     torch.manual_seed(0)
-    student, teacher = build_seq2seq("marian-tiny", tokenizer=tokenizer), build_seq2seq("marian-tiny", tokenizer=tokenizer)
+    student, teacher = seq2seq(model, tokenizer), seq2seq(model, tokenizer)
     sources = tokenizer(list(pairs["source"][:4]), padding=True, return_tensors="pt")
     labels = tokenizer(text_target=list(pairs["target"][:4]), padding=True, return_tensors="pt")["input_ids"]
     batch = {**sources, "labels": labels.masked_fill(labels == tokenizer.pad_token_id, -100)}
