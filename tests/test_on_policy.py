@@ -172,8 +172,9 @@ def test_lmbda_zero_is_supervised_kd_step_for_step(lm_data, tmp_path):
     supervised = final_weights("supervised")
     gkd_off = final_weights("gkd-off", lmbda=0.0, seq_kd=False, gkd_temperature=0.5, gkd_top_k=3)
     assert supervised.teacher_signal.kind == gkd_off.teacher_signal.kind == "live"
+    # Two trainers, two sets of allocations: on CPUs whose BLAS depends on alignment the last bits may differ.
     for a, b in zip(supervised.model.state_dict().values(), gkd_off.model.state_dict().values()):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_generation_is_logged_and_only_the_used_samples_are_generated(lm_data, tmp_path):
