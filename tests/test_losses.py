@@ -286,6 +286,42 @@ def test_chunked_equals_unchunked(name):
         torch.testing.assert_close(default.loss, whole.loss)
 
 
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_cross_entropy_trains_in_one_pass_when_it_costs_no_memory(monkeypatch, epsilon):
+    """Past the automatic chunk size, CE's gradient still comes from one pass over all the tokens (its only
+    logits-sized temporary is the gradient itself), and equals both the chunked path and PyTorch's."""
+    import seqkd.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 40 * 13)  # the automatic chunk: 40 of the 100 tokens
+    rows_seen = []
+    kernel = losses._ce_kernel
+
+    def counting_kernel(s, t, y, aux, params, want_grad):
+        rows_seen.append((s.shape[0], want_grad))
+        return kernel(s, t, y, aux, params, want_grad)
+
+    counting_kernel.__dict__.update(kernel.__dict__)
+    monkeypatch.setattr(losses, "_ce_kernel", counting_kernel)
+    torch.manual_seed(0)
+    s = torch.randn(100, 13, requires_grad=True)
+    y = torch.randint(0, 13, (100,))
+    y[::7] = IGNORE
+    one_pass = label_smoothed_cross_entropy(s, y, epsilon=epsilon)
+    assert rows_seen == [(100, True)]
+    chunked = label_smoothed_cross_entropy(s, y, epsilon=epsilon, chunk_size=40)  # a chunk size asked for is kept
+    assert rows_seen[1:] == [(40, True), (40, True), (20, True)]
+    reference = F.cross_entropy(s, y, ignore_index=IGNORE, label_smoothing=epsilon)
+    torch.testing.assert_close(one_pass.loss, chunked.loss)
+    torch.testing.assert_close(one_pass.loss, reference)
+    one_pass_grad = grad_of(one_pass.loss, s)
+    torch.testing.assert_close(one_pass_grad, grad_of(chunked.loss, s))
+    torch.testing.assert_close(one_pass_grad, grad_of(reference, s))
+    rows_seen.clear()
+    # Without a gradient to hold (evaluation), chunks keep the temporaries small.
+    label_smoothed_cross_entropy(s.detach(), y, epsilon=epsilon)
+    assert rows_seen == [(40, False), (40, False), (20, False)]
+
+
 @pytest.mark.parametrize("name", sorted(ALL_LOSSES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_float32(name, dtype):
