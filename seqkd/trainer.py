@@ -248,6 +248,9 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             # mean CPU autocast, which Accelerate applies once use_cpu is on (the losses stay in float32).
             logger.info("bf16 on a machine without a GPU: training with CPU autocast (use_cpu=True)")
             self.use_cpu = True
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
+            # Pinned memory only speeds copies to an accelerator; on CPU the DataLoader warns on every run instead.
+            self.dataloader_pin_memory = False
         if getattr(self, "label_smoothing_factor", 0.0):
             raise InvalidValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is transformers' own smoother, which the "

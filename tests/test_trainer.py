@@ -221,6 +221,12 @@ def test_bad_arguments_are_refused(tmp_path, overrides, message):
         make_args(tmp_path, **overrides)
 
 
+def test_memory_is_pinned_only_for_an_accelerator(tmp_path):
+    # transformers pins by default, and on a CPU-only machine the DataLoader then warns on every run.
+    assert make_args(tmp_path).dataloader_pin_memory == torch.accelerator.is_available()
+    assert make_args(tmp_path, use_cpu=True).dataloader_pin_memory is False
+
+
 def test_stream_batches_for_another_process_layout_are_refused(corpus, tmp_path):
     tokenizer, _, ids = corpus
     train = StreamBatches(ids, 2, 8, process_index=1, num_processes=2)
