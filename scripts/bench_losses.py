@@ -65,10 +65,15 @@ def naive_ls(student, teacher, labels):
     return F.cross_entropy(student.float(), labels, label_smoothing=0.1, ignore_index=-100)
 
 
+def naive_ce(student, teacher, labels):
+    return F.cross_entropy(student.float(), labels, ignore_index=-100)
+
+
 CASES = {
     "kd": (lambda s, t, y: kd_loss(s, t, y, temperature=TEMPERATURE).loss, naive_kd),
     "dkd": (lambda s, t, y: dkd_loss(s, t, y, temperature=TEMPERATURE).loss, naive_dkd),
     "ls": (lambda s, t, y: label_smoothed_cross_entropy(s, y, epsilon=0.1).loss, naive_ls),
+    "ce": (lambda s, t, y: label_smoothed_cross_entropy(s, y, epsilon=0.0).loss, naive_ce),
 }
 
 
@@ -77,6 +82,7 @@ HEAD_OPTIONS = {
     "kd": ("kd", {"ce_weight": 0.0, "temperature": TEMPERATURE}),
     "dkd": ("dkd", {"ce_weight": 0.0, "temperature": TEMPERATURE}),
     "ls": ("ls", {}),
+    "ce": ("ce", {}),
 }
 
 
