@@ -40,6 +40,9 @@ QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no
          "--logging_steps", "100000"]  # fmt: skip
 
 
+# The teacher recipe stops early on validation BLEU; a timed run of fixed length evaluates only at its end.
+FIXED_STEPS = ("--early_stopping_patience", "0", "--eval_strategy", "no")
+
 def config_argv(name: str, options) -> tuple[list[str], bool]:
     """The command line of a configuration and whether it distils."""
     if name == "lstm-medium":
@@ -49,13 +52,13 @@ def config_argv(name: str, options) -> tuple[list[str], bool]:
                 "--max_eval_tokens", str(options.max_eval_tokens)], False  # fmt: skip
     if name == "mt-teacher":
         return [os.path.join(RECIPES, "ce_teacher_multi30k.yaml"), "--eval_splits", "validation",
-                "--predict_with_generate", "false"], False  # fmt: skip
+                *FIXED_STEPS, "--predict_with_generate", "false"], False  # fmt: skip
     if name == "student":
         if not options.teacher:
             raise SystemExit("the student configuration needs --teacher (a trained Multi30k teacher folder)")
         return [os.path.join(RECIPES, "ce_teacher_multi30k.yaml"), "--model", "transformer-2x2-128", "--loss", "kd",
                 "--ce_weight", "0.5", "--kd_weight", "0.5", "--learning_rate", "0.001", "--warmup_steps", "100",
-                "--teacher_model_name_or_path", options.teacher, "--eval_splits", "validation",
+                "--teacher_model_name_or_path", options.teacher, "--eval_splits", "validation", *FIXED_STEPS,
                 "--predict_with_generate", "false"], True  # fmt: skip
     raise SystemExit(f"unknown configuration {name!r}: choose lstm-medium, mt-teacher or student")
 

@@ -163,7 +163,8 @@ class DistillationArguments(Seq2SeqTrainingArguments):
         metadata={
             "help": "Stop training once metric_for_best_model (default: the validation loss; e.g. 'bleu' with "
             "predict_with_generate) has not improved for this many evaluations, and keep the best checkpoint as "
-            "the final model (load_best_model_at_end). Needs eval_strategy epoch or steps."
+            "the final model (load_best_model_at_end). Needs eval_strategy epoch or steps. 0 (or unset) trains "
+            "for the whole budget: how a recipe that inherits a teacher's early stopping keeps a fixed step count."
         },
     )
     fused_linear: str = field(
@@ -233,9 +234,13 @@ class DistillationArguments(Seq2SeqTrainingArguments):
         _check_choice("fused_linear", self.fused_linear, ("auto", "true", "false"))
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise InvalidValueError(f"loss_chunk_size must be > 0, got {self.loss_chunk_size}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 0:
+            raise InvalidValueError(
+                f"early_stopping_patience must be >= 1 (or 0 for no early stopping), got {self.early_stopping_patience}"
+            )
+        if self.early_stopping_patience == 0:
+            self.early_stopping_patience = None
         if self.early_stopping_patience is not None:
-            if self.early_stopping_patience < 1:
-                raise InvalidValueError(f"early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
             if str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
                 raise InvalidValueError(
                     "early_stopping_patience needs evaluations to compare: set eval_strategy to 'epoch' (or 'steps', "

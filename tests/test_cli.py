@@ -288,3 +288,9 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
     with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
         run("train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "no-eval", "--eval_strategy", "no",
             "--save_strategy", "no", "--lr_scheduler_type", "constant", "--early_stopping_patience", "2")  # fmt: skip
+    # patience 0 switches off a recipe's early stopping: the whole budget, no evaluations needed, no best model kept
+    run("train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "fixed", "--eval_strategy", "no",
+        "--save_strategy", "no", "--lr_scheduler_type", "constant", "--num_train_epochs", "2",
+        "--early_stopping_patience", "0")  # fmt: skip
+    metrics = json.loads((tmp_path / "fixed" / "model" / "metrics.json").read_text())
+    assert metrics["epochs"] == pytest.approx(2.0) and "stopped_early" not in metrics

@@ -214,6 +214,7 @@ def test_missing_teacher_is_refused(corpus, tmp_path):
         ({"label_smoothing": 1.0}, r"must be in \[0, 1\), got 1.0"),
         ({"label_smoothing_factor": 0.1}, "set label_smoothing instead"),
         ({"divergence": "kl"}, "divergence must be one of"),
+        ({"early_stopping_patience": -1}, r"early_stopping_patience must be >= 1 \(or 0 for no early stopping\), got -1"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, overrides, message):
