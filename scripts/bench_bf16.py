@@ -43,6 +43,7 @@ QUIET = ["--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no
 # The teacher recipe stops early on validation BLEU; a timed run of fixed length evaluates only at its end.
 FIXED_STEPS = ("--early_stopping_patience", "0", "--eval_strategy", "no")
 
+
 def config_argv(name: str, options) -> tuple[list[str], bool]:
     """The command line of a configuration and whether it distils."""
     if name == "lstm-medium":

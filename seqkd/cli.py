@@ -238,10 +238,6 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
         best = trainer.state.best_model_checkpoint
         metrics.update(best_metric=trainer.state.best_metric, best_step=int(best.rsplit("-", 1)[-1]) if best else None,
                        stopped_early=trainer.state.global_step < trainer.state.max_steps)  # fmt: skip
-    from transformers import EarlyStoppingCallback
-
-    # Training is over: the split-prefixed evaluations below have no eval_bleu for it to watch (it would warn).
-    trainer.remove_callback(EarlyStoppingCallback)
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if k.startswith(split) and not k.endswith("_tokens")})

@@ -587,7 +587,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         one_pass = getattr(kernel, "gradient_is_its_workspace", False) and compute_dtype == student.dtype
         if want_grad and one_pass and not chunk_size_given:
             # No memory to save by chunking, and a chunked pass pays for a fresh logits-sized buffer and a
-            # copy into it: 2.8x the time of one chunk for CE at 700 x 10k (the PTB LSTM's batch).
+            # copy into it (docs/benchmarks.md, "Cross-entropy in one pass").
             forward_rows = max(n, 1)
         single_chunk = n <= forward_rows
         grad = torch.empty_like(student) if want_grad and not single_chunk else None

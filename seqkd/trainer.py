@@ -417,10 +417,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_names: list[str] = []
         self.add_callback(_ResetStreamStateAtEpoch(self))
+        self._early_stopping = None
         if args.early_stopping_patience is not None:
             from transformers import EarlyStoppingCallback
 
-            self.add_callback(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+            self._early_stopping = EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)
 
     # ---- the teacher -------------------------------------------------------------------------------------
 
@@ -895,7 +896,15 @@ class DistillationTrainer(Seq2SeqTrainer):
         if resume_from_checkpoint and self._stateful:
             self._load_stream_state(resume_from_checkpoint)
         self._nonfinite = None  # a second train() does not inherit the first one's bad step
-        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        # The stopper watches the evaluations of training alone: one after it (a test split, say) has no
+        # eval_<metric> to compare and would only warn.
+        if self._early_stopping is not None:
+            self.add_callback(self._early_stopping)
+        try:
+            output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        finally:
+            if self._early_stopping is not None:
+                self.remove_callback(self._early_stopping)
         self._raise_if_nonfinite()  # a bad step after the last logging step must not reach the saved model
         return output
 

@@ -266,7 +266,7 @@ def test_born_again_from_cached_generations(recipe, corpus_dir, tmp_path):
     assert metrics["loss"] == "ban" and metrics["test_perplexity"] < 14
 
 
-def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe, corpus_dir, tmp_path):
+def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe, corpus_dir, tmp_path, request):
     # Learning rate 0: the validation loss never improves after the first evaluation, so patience 2 stops the
     # run after its third epoch of ten, and the model saved is the first epoch's (the best).
     out = tmp_path / "early"
@@ -274,6 +274,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
     warnings.records = []
     warnings.emit = warnings.records.append
     logging.getLogger("transformers").addHandler(warnings)
+    request.addfinalizer(lambda: logging.getLogger("transformers").removeHandler(warnings))
     run("train", recipe, "--dataset", corpus_dir, "--output_dir", out, "--num_train_epochs", "10", "--learning_rate", "0",
         "--lr_scheduler_type", "constant", "--early_stopping_patience", "2", "--save_total_limit", "1")  # fmt: skip
     metrics = json.loads((out / "model" / "metrics.json").read_text())
@@ -283,7 +284,6 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps_per_epoch}"]
     assert metrics["best_metric"] == pytest.approx(metrics["validation_loss"], rel=1e-6)
     # the final evaluations (validation_*, test_*) do not wake the stopper, which would warn that eval_* is missing
-    logging.getLogger("transformers").removeHandler(warnings)
     assert not [r for r in warnings.records if "early stopping required" in r.getMessage()]
     with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
         run("train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path / "no-eval", "--eval_strategy", "no",
