@@ -10,10 +10,14 @@ For each model it times, over the same batches of random tokens:
 
 Every run takes ``--warmup + --steps`` optimiser steps; the time between the end of step ``warmup`` and the end
 of the last step is measured (data loading and cache reads included). Each mode runs ``--repeats`` times,
-interleaved, and the median is reported::
+interleaved, and the median is reported. ``--breakdown`` also times, outside the trainer and on one batch, the parts
+of a step that online distillation adds (the teacher's forward pass under ``no_grad`` and under
+``inference_mode``, and the distillation loss over the gold-only loss), as shares of the CE step, so that the
+online / ce ratio can be read as "1 + what the teacher adds"::
 
     flock /tmp/seqkd_heavy.lock python scripts/bench_distill_step.py
     python scripts/bench_distill_step.py --device cuda --models lstm-medium,gpt2-small --steps 100
+    python scripts/bench_distill_step.py --breakdown
 
 Prints a markdown table (tokens/s, ms/step, time ratios against ``ce``, the trainer against the plain loop),
 the cache's bytes per token, and the machine. Models:
@@ -43,6 +47,7 @@ from transformers import TrainerCallback, default_data_collator
 
 from seqkd.data.text import StreamBatches
 from seqkd.evaluation import is_stateful
+from seqkd.losses import distillation_loss
 from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
 from seqkd.teacher_cache import TeacherCache, cache_teacher
 from seqkd.trainer import DistillationArguments, DistillationTrainer
@@ -168,6 +173,50 @@ def time_plain_loop(model_name, data, vocab_size, device, warmup, steps) -> floa
     return (ends[-1] - ends[warmup - 1]) / steps
 
 
+def _median_seconds(fn, device: str, repeats: int, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        started = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def time_breakdown(model_name, data, vocab_size, device, repeats) -> dict[str, float]:
+    """Seconds of the parts online distillation adds to a step, on one batch, outside the trainer.
+
+    ``student ce``: the student's forward, the gold-only loss and the backward pass; ``student ban``: the same
+    with the distillation loss against the teacher's logits (computed once beforehand); ``teacher``: the
+    teacher's forward pass under ``no_grad`` and under ``inference_mode``.
+    """
+    student = build_model(model_name, vocab_size, seed=2).to(device).train()
+    teacher = build_model(model_name, vocab_size, seed=1).to(device).eval()
+    batch = data[0] if isinstance(data, StreamBatches) else data.with_format("torch")[: 32]
+    input_ids = batch["input_ids"].to(device)
+    labels = torch.randint(0, vocab_size, input_ids.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids).logits
+
+    def student_step(name):
+        logits = student(input_ids=input_ids).logits
+        distillation_loss(name, logits, teacher_logits if name != "ce" else None, labels).loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    def teacher_forward(context):
+        with context():
+            teacher(input_ids=input_ids)
+
+    return {
+        "student ce": _median_seconds(lambda: student_step("ce"), device, repeats),
+        "student ban": _median_seconds(lambda: student_step("ban"), device, repeats),
+        "teacher no_grad": _median_seconds(lambda: teacher_forward(torch.no_grad), device, repeats),
+        "teacher inference_mode": _median_seconds(lambda: teacher_forward(torch.inference_mode), device, repeats),
+    }
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
@@ -183,6 +232,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", type=int, default=64, help="Teacher log-probabilities per token in the cache.")
     parser.add_argument("--vocab_size", type=int, default=10_000)
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="Also time the teacher's forward pass and the distillation loss alone (language models).")
     options = parser.parse_args(argv)
     if options.steps < 1 or options.warmup < 1 or options.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be >= 1")
@@ -193,7 +244,7 @@ def main(argv=None) -> int:
         logging_steps=10_000, optim="sgd", learning_rate=0.1, max_grad_norm=1.0, seed=0, lr_scheduler_type="constant",
         per_device_train_batch_size=32, use_cpu=device == "cpu", dataloader_pin_memory=False,
     )  # fmt: skip
-    rows = []
+    rows, breakdown = [], []
     for model_name in options.models.split(","):
         tokenizer = None
         if model_name in SEQ2SEQ_TEACHERS:
@@ -235,6 +286,15 @@ def main(argv=None) -> int:
             rows.append({"model": model_name, "mode": "trainer vs plain loop (tokens/s)", "ratio": median["plain loop"] / median["ce"]})
         rows.append({"model": model_name, "mode": f"cache: k={options.top_k}, bytes/token", "ratio": bytes_per_token,
                      "note": f"written in {cache_seconds:.1f} s"})  # fmt: skip
+        if options.breakdown and tokenizer is None:
+            parts = time_breakdown(model_name, data, options.vocab_size, device, options.steps)
+            step = median["ce"]
+            teacher_share = parts["teacher no_grad"] / step
+            loss_share = (parts["student ban"] - parts["student ce"]) / step
+            breakdown.append({
+                "model": model_name, "teacher": teacher_share, "teacher inference_mode": parts["teacher inference_mode"] / step,
+                "loss": loss_share, "expected": 1 + teacher_share + loss_share, "measured": median["online"] / step,
+            })  # fmt: skip
 
     print(f"\nmachine: {machine(device)}; torch {torch.__version__}; transformers {transformers.__version__}")
     print(f"batches of random tokens, vocabulary {options.vocab_size}; {options.warmup} warm-up + {options.steps} timed "
@@ -250,6 +310,14 @@ def main(argv=None) -> int:
         if "ratio" in row:
             note = f" ({row['note']})" if row.get("note") else ""
             print(f"| {row['model']} | {row['mode']} | {row['ratio']:.3f}{note} |")
+    if breakdown:
+        print("\nWhat online distillation adds to a CE step (shares of the trainer's median ce step):\n")
+        print("| model | teacher forward (no_grad) | teacher forward (inference_mode) | distillation loss over ce loss "
+              "| 1 + teacher + loss | measured online / ce |")
+        print("|---|---|---|---|---|---|")
+        for row in breakdown:
+            print(f"| {row['model']} | {row['teacher']:.3f} | {row['teacher inference_mode']:.3f} | {row['loss']:.3f} | "
+                  f"{row['expected']:.3f} | {row['measured']:.3f} |")
     return 0
 
 

@@ -50,6 +50,8 @@ class LiveTeacher(TeacherSignal):
         self.teacher = teacher
 
     def logits(self, inputs: dict, taken: dict, vocab_size: int, state=None):
+        # no_grad rather than inference_mode: the latter measured no faster on CPU (bench_distill_step.py
+        # --breakdown), and its tensors may not be saved for backward by a registered loss.
         with torch.no_grad():
             if state is not None:
                 inputs = {**inputs, "state": state}
