@@ -253,6 +253,11 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             # mean CPU autocast, which Accelerate applies once use_cpu is on (the losses stay in float32).
             logger.info("bf16 on a machine without a GPU: training with CPU autocast (use_cpu=True)")
             self.use_cpu = True
+        if (self.bf16 or self.bf16_full_eval) and self.use_cpu and not _cpu_has_native_bf16():
+            logger.warning(
+                "bf16 on a CPU without bf16 instructions (neither avx512_bf16 nor AMX): autocast emulates bf16 here "
+                "and may well train slower than float32; scripts/bench_bf16.py measures both on this machine"
+            )
         if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
             # Pinned memory only speeds copies to an accelerator; on CPU the DataLoader warns on every run instead.
             self.dataloader_pin_memory = False
@@ -304,6 +309,13 @@ def _has_bf16_accelerator() -> bool:
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
     return is_torch_bf16_gpu_available() or is_torch_xla_available()
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Private torch probes (present in torch 2.x); without them, assume the instructions are there.
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if probe is not None]
+    return not probes or any(probe() for probe in probes)
 
 
 def _is_stream(dataset) -> bool:

@@ -328,3 +328,14 @@ def test_bf16_on_a_cpu_machine_trains_under_cpu_autocast(corpus, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(math.isfinite(v) for v in losses)
     assert next(student.parameters()).dtype == torch.float32  # autocast, not a bf16 model
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_emulates(native, tmp_path, monkeypatch, caplog):
+    # On a CPU with neither avx512_bf16 nor AMX, autocast emulates bf16: the user hears it may be slower.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    with caplog.at_level("WARNING", logger="seqkd"):
+        args = DistillationArguments(output_dir=str(tmp_path), report_to=[], bf16=True, use_cpu=True, loss="ce")
+    assert args.bf16
+    assert ("without bf16 instructions" in caplog.text) is not native
