@@ -256,7 +256,8 @@ class DistillationArguments(Seq2SeqTrainingArguments):
         if (self.bf16 or self.bf16_full_eval) and self.use_cpu and not _cpu_has_native_bf16():
             logger.warning(
                 "bf16 on a CPU without bf16 instructions (neither avx512_bf16 nor AMX): autocast emulates bf16 here "
-                "and may well train slower than float32; scripts/bench_bf16.py measures both on this machine"
+                "and is likely slower than float32 (half its speed on an Ice Lake Xeon, docs/benchmarks.md); "
+                "scripts/bench_bf16.py measures both on this machine"
             )
         if self.dataloader_pin_memory and (self.use_cpu or not torch.accelerator.is_available()):
             # Pinned memory only speeds copies to an accelerator; on CPU the DataLoader warns on every run instead.

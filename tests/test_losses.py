@@ -532,3 +532,21 @@ def test_a_registered_distillation_term_is_a_loss_of_its_own():
         DISTILLATION_TERMS.pop("half_kd")
     with pytest.raises(InvalidValueError, match="loss name"):
         distillation_loss("half_kd", student, teacher, labels)
+
+
+def test_losses_accept_a_teacher_run_under_inference_mode():
+    # bench_distill_step.py --breakdown times a teacher under inference_mode: its logits must serve as a target.
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 11, requires_grad=True)
+    teacher = torch.randn(2, 3, 11)
+    with torch.inference_mode():
+        inference_teacher = teacher.clone()
+    labels = torch.randint(0, 11, (2, 3))
+    for name in ("ban", "dkd"):
+        results = []
+        for target in (teacher, inference_teacher):
+            loss = distillation_loss(name, student, target, labels).loss
+            (grad,) = torch.autograd.grad(loss, student)
+            results.append((loss.detach(), grad))
+        # Same values through the same kernels; the tolerance only covers a different allocation of the copy.
+        torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
