@@ -10,7 +10,8 @@ For each model it times, over the same batches of random tokens:
 
 Every run takes ``--warmup + --steps`` optimiser steps; the time between the end of step ``warmup`` and the end
 of the last step is measured (data loading and cache reads included). Each mode runs ``--repeats`` times,
-interleaved, and the median is reported. ``--breakdown`` also times, outside the trainer and on one batch, the parts
+interleaved, and the median is reported, with the median of each repeat's ratio to the ``ce`` run beside it (slow
+drifts of a shared machine cancel in those). ``--breakdown`` also times, outside the trainer and on one batch, the parts
 of a step that online distillation adds (the teacher's forward pass under ``no_grad`` and under
 ``inference_mode``, and the distillation loss over the gold-only loss), as shares of the CE step, so that the
 online / ce ratio can be read as "1 + what the teacher adds"::
@@ -276,10 +277,13 @@ def main(argv=None) -> int:
         median = {mode: statistics.median(values) for mode, values in times.items()}
         tokens = batch * seq_len
         for mode in median:
+            # Each repeat's ratio to the ce run beside it: the machine's slow drifts (other tenants) cancel in it.
+            paired = [t / ce for t, ce in zip(times[mode], times["ce"])]
             rows.append(
                 {
                     "model": model_name, "mode": mode, "tokens/s": tokens / median[mode], "ms/step": 1000 * median[mode],
                     "time vs ce": median[mode] / median["ce"], "runs": ", ".join(f"{1000 * t:.0f}" for t in times[mode]),
+                    "paired": statistics.median(paired), "paired range": (min(paired), max(paired)),
                 }
             )  # fmt: skip
         if "plain loop" in median:
@@ -299,12 +303,13 @@ def main(argv=None) -> int:
     print(f"\nmachine: {machine(device)}; torch {torch.__version__}; transformers {transformers.__version__}")
     print(f"batches of random tokens, vocabulary {options.vocab_size}; {options.warmup} warm-up + {options.steps} timed "
           f"steps; median of {options.repeats} interleaved runs\n")  # fmt: skip
-    print("| model | mode | tokens/s | ms/step | time vs ce | runs (ms/step) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | mode | tokens/s | ms/step | time vs ce | paired vs ce (median, range) | runs (ms/step) |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         if "tokens/s" in row:
+            low, high = row["paired range"]
             print(f"| {row['model']} | {row['mode']} | {row['tokens/s']:,.0f} | {row['ms/step']:.1f} | "
-                  f"{row['time vs ce']:.3f} | {row['runs']} |")  # fmt: skip
+                  f"{row['time vs ce']:.3f} | {row['paired']:.3f} ({low:.3f}-{high:.3f}) | {row['runs']} |")  # fmt: skip
     print("\n| model | measure | value |\n|---|---|---|")
     for row in rows:
         if "ratio" in row:

@@ -275,6 +275,21 @@ def _kl_rows(prob: Tensor, log_prob: Tensor, log_other: Tensor) -> Tensor:
     return torch.linalg.vecdot(prob, log_prob - log_other)
 
 
+def _dense_forward_kl(log_p: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """``KL(q || p)`` per row and ``q = softmax(t)``, for dense teacher logits ``t`` (already divided by T) and the
+    student's floored log-probabilities ``log_p``.
+
+    The same sum as :func:`_kl_rows`, computed in ``log q``'s own buffer: two logits-sized buffers fewer than
+    copying and subtracting (docs/benchmarks.md, "Where online distillation's time goes").
+    """
+    log_q = torch.log_softmax(t, dim=-1)
+    q = log_q.exp()
+    # The clamp keeps a -inf teacher logit (zero probability) from making 0 * inf = NaN, as the floor does for log_p;
+    # a NaN still propagates.
+    terms = log_q.sub_(log_p).clamp_(min=_LOG_FLOOR, max=-_LOG_FLOOR).mul_(q)
+    return terms.sum(-1), q
+
+
 def _kd_kernel(s, t, y, aux, params, want_grad):
     temperature, divergence, jsd_beta = params["temperature"], params["divergence"], params["jsd_beta"]
     if divergence == "jsd" and jsd_beta == 0.0:
@@ -282,11 +297,10 @@ def _kd_kernel(s, t, y, aux, params, want_grad):
     elif divergence == "jsd" and jsd_beta == 1.0:
         divergence = "reverse_kl"
     log_p = _floored_log_softmax(_scaled(s, temperature))
-    log_q = _floored_log_softmax(_scaled(t, temperature))
     t2 = temperature * temperature
     if divergence == "forward_kl":
-        q = log_q.exp()
-        loss = t2 * _kl_rows(q, log_q, log_p)
+        kl, q = _dense_forward_kl(log_p, _scaled(t, temperature))
+        loss = kl.mul_(t2)
         if not want_grad:
             return loss, loss[None], None
         # d/ds of T^2 KL(q || softmax(s/T)) = T (p - q)
@@ -294,6 +308,7 @@ def _kd_kernel(s, t, y, aux, params, want_grad):
         if temperature != 1.0:
             grad.mul_(temperature)
         return loss, loss[None], grad
+    log_q = _floored_log_softmax(_scaled(t, temperature))
     p = log_p.exp()
     if divergence == "reverse_kl":
         # dKL(p||q)/dp_j = log p_j - log q_j + 1; the constant vanishes through the softmax Jacobian.
@@ -414,17 +429,27 @@ def _gold_and_forward_kl_kernel(s, t, y, aux, params, want_grad):
     if sparse:
         kl, scale, shift, correction = _sparse_kl(log_p_t, t, temperature)
     else:
-        log_q = _floored_log_softmax(_scaled(t, temperature))
-        q = log_q.exp()
-        kl = _kl_rows(q, log_q, log_p_t.clamp(min=_LOG_FLOOR))
-        scale, shift = torch.ones_like(nll), torch.zeros_like(nll)
+        # In place: the gold terms above have read log_p, and exp() of the floor is still 0 for the gradient.
+        kl, q = _dense_forward_kl(log_p_t.clamp_(min=_LOG_FLOOR), _scaled(t, temperature))
     kd = temperature * temperature * kl
     loss = w_ce * gold + w_kd * kd
     parts = torch.stack([*gold_parts, kd])
     if not want_grad:
         return loss, parts, None
-    # d gold/ds = p - (1 - eps) onehot(y) - eps / V;  d KD/ds = T (p_T * scale - shift + scatter(correction))
-    # [- q for a dense teacher]: the per-row scales and shifts of both terms go into one pass over the logits.
+    if not sparse:
+        # d/ds = w_ce (p - (1 - eps) onehot(y) - eps / V) + w_kd T (p_T - q): in place in log_p's buffer.
+        kd_scale = w_kd * temperature
+        if temperature == 1.0:
+            grad = log_p.exp_().mul_(w_ce + kd_scale)
+        else:
+            grad = log_p.exp_().mul_(w_ce).add_(log_p_t.exp_(), alpha=kd_scale)
+        grad.sub_(q, alpha=kd_scale)
+        if epsilon > 0:
+            grad.sub_(w_ce * epsilon / vocab_size)
+        grad.scatter_add_(1, y[:, None], torch.full_like(nll[:, None], -w_ce * (1 - epsilon)))
+        return loss, parts, grad
+    # d gold/ds = p - (1 - eps) onehot(y) - eps / V;  d KD/ds = T (p_T * scale - shift + scatter(correction)):
+    # the per-row scales and shifts of both terms go into one pass over the logits.
     kd_scale = w_kd * temperature
     shift = kd_scale * shift + w_ce * epsilon / vocab_size
     if temperature == 1.0:
@@ -432,10 +457,7 @@ def _gold_and_forward_kl_kernel(s, t, y, aux, params, want_grad):
     else:
         grad = log_p.exp_().mul_(w_ce).sub_(shift[:, None])
         grad.addcmul_(log_p_t.exp_(), (kd_scale * scale)[:, None])
-    if sparse:
-        grad.scatter_add_(1, t[0], correction.mul_(kd_scale))
-    else:
-        grad.sub_(q, alpha=kd_scale)
+    grad.scatter_add_(1, t[0], correction.mul_(kd_scale))
     grad.scatter_add_(1, y[:, None], torch.full_like(nll[:, None], -w_ce * (1 - epsilon)))
     return loss, parts, grad
 

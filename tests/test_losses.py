@@ -384,6 +384,38 @@ def test_masked_vocabulary_entries_are_finite():
         assert torch.isfinite(loss) and torch.isfinite(grad_of(loss, s)).all()
 
 
+@pytest.mark.parametrize("masked", ["teacher", "both"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gold_and_forward_kl_with_masked_vocabulary_entries_match_the_reference(masked, temperature):
+    # The one-pass gold + forward-KL kernel computes the KL in the teacher's log-probabilities' own buffer: a -inf
+    # logit in the teacher (or in both models, e.g. a padded vocabulary entry) must still add 0, not NaN.
+    s, t, y = make_inputs(ignore_every=0)
+    s, t = s.clone(), t.clone()
+    t[:, -1] = -math.inf
+    if masked == "both":
+        s = s.detach().clone()
+        s[:, -1] = -math.inf
+        s.requires_grad_()
+    y = y.clamp(max=s.shape[-1] - 2)
+    out = distillation_loss("kd", s, t, y, ce_weight=0.4, kd_weight=0.6, temperature=temperature)
+    grad = grad_of(out.loss, s)
+    s64 = s.detach().double().requires_grad_()
+    log_p = torch.log_softmax(s64[:, :-1] / temperature, -1)
+    log_q = torch.log_softmax(t.double()[:, :-1] / temperature, -1)
+    kd = temperature**2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    if masked == "both":
+        ce = F.cross_entropy(s64[:, :-1], y)
+    else:
+        ce = F.cross_entropy(s64, y)
+        kd = temperature**2 * (log_q.exp() * (log_q - torch.log_softmax(s64 / temperature, -1)[:, :-1])).sum(-1).mean()
+    reference = 0.4 * ce + 0.6 * kd
+    reference.backward()
+    torch.testing.assert_close(out.loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.parts["kd"].double(), kd.detach(), rtol=1e-5, atol=1e-6)
+    expected_grad = s64.grad.nan_to_num(0.0).to(grad.dtype)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_teacher_receives_no_gradient():
     s, t, y = make_inputs()
     t.requires_grad_()
