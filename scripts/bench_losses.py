@@ -61,6 +61,15 @@ def naive_dkd(student, teacher, labels, alpha=1.0, beta=8.0):
     return ((alpha * tckd + beta * nckd) * mask).sum() / mask.sum() * TEMPERATURE**2
 
 
+def naive_ban(student, teacher, labels):
+    """Gold CE + forward KL at T = 1 (Born-Again BAN+L, the trainer's online loss), composed from F functions."""
+    log_p = F.log_softmax(student.float(), dim=-1)
+    log_q = F.log_softmax(teacher.float(), dim=-1)
+    per_token = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+    mask = labels != -100
+    return F.nll_loss(log_p, labels, ignore_index=-100) + (per_token * mask).sum() / mask.sum()
+
+
 def naive_ls(student, teacher, labels):
     return F.cross_entropy(student.float(), labels, label_smoothing=0.1, ignore_index=-100)
 
@@ -72,6 +81,7 @@ def naive_ce(student, teacher, labels):
 CASES = {
     "kd": (lambda s, t, y: kd_loss(s, t, y, temperature=TEMPERATURE).loss, naive_kd),
     "dkd": (lambda s, t, y: dkd_loss(s, t, y, temperature=TEMPERATURE).loss, naive_dkd),
+    "ban": (lambda s, t, y: distillation_loss("ban", s, t, y).loss, naive_ban),
     "ls": (lambda s, t, y: label_smoothed_cross_entropy(s, y, epsilon=0.1).loss, naive_ls),
     "ce": (lambda s, t, y: label_smoothed_cross_entropy(s, y, epsilon=0.0).loss, naive_ce),
 }
@@ -81,6 +91,7 @@ CASES = {
 HEAD_OPTIONS = {
     "kd": ("kd", {"ce_weight": 0.0, "temperature": TEMPERATURE}),
     "dkd": ("dkd", {"ce_weight": 0.0, "temperature": TEMPERATURE}),
+    "ban": ("ban", {}),
     "ls": ("ls", {}),
     "ce": ("ce", {}),
 }
