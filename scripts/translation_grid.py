@@ -7,7 +7,9 @@ Trains every student that learns from labels alone, then teacher by teacher: the
 trained), its BLEU, chrF, perplexity and stability, and every student it teaches: by a word-level loss
 (``kd``, ``dkd``, ...), by training on the teacher's distilled data (a ``data`` entry naming a corpus of the
 recipe's ``distilled_data`` section, decoded by ``seqkd distill-data`` just before the first student that
-reads it), or both. ``eval_num_beams`` adds test BLEU and chrF with those beams. OUTPUT/results.md,
+reads it), or both. ``teacher_cache`` (fields of ``seqkd cache-teacher``, e.g. ``{cache_top_k: 64}``) makes the
+word-level students on gold targets read a cache of their teacher, written once per teacher, instead of running it
+at every step. ``eval_num_beams`` adds test BLEU and chrF with those beams. OUTPUT/results.md,
 OUTPUT/rows.json and OUTPUT/bleu.png are rewritten after every finished run. Fields after the recipe override
 every run. A restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an
 interrupted distilled corpus from its last whole shard).
@@ -19,13 +21,14 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import yaml
 
-from seqkd.cli import command_distill_data, command_evaluate, command_train
+from seqkd.cli import command_cache_teacher, command_distill_data, command_evaluate, command_train
 from seqkd.sequence_kd import MANIFEST_FILE
 
-GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams"}
+GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams", "teacher_cache"}
 TEACHER_FREE_LOSSES = ("ce", "ls")
 
 
@@ -117,6 +120,32 @@ def _distilled_data(output: str, name: str, fields: dict, teacher: str, teacher_
             "sentences_per_second": decoding.get("sentences_per_second")}  # fmt: skip
 
 
+def _teacher_cache(output: str, teacher: str, recipe: str, teacher_model: str, fields: dict, overrides: list[str]) -> dict:
+    """The teacher's cache of the gold training set (written once by ``seqkd cache-teacher``, resumed if interrupted),
+    as the students build that set from ``recipe`` and ``fields``."""
+    cache_dir = os.path.join(output, f"cache-from-{teacher}")
+    summary_path = cache_dir + ".json"
+    if not os.path.isfile(summary_path):
+        print(f"\n=== teacher cache from teacher {teacher} ===", flush=True)
+        started = time.perf_counter()
+        summary = command_cache_teacher([recipe, *_argv(fields), *overrides, "--teacher_model_name_or_path",
+                                         teacher_model, "--teacher_cache", cache_dir])  # fmt: skip
+        summary["write_seconds"] = round(time.perf_counter() - started, 1)
+        with open(summary_path + ".partial", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(summary_path + ".partial", summary_path)
+    return _cache_row(output, teacher)
+
+
+def _cache_row(output: str, teacher: str) -> dict:
+    cache_dir = os.path.join(output, f"cache-from-{teacher}")
+    with open(cache_dir + ".json") as f:
+        summary = json.load(f)
+    return {"role": "cache", "teacher": teacher, "dir": os.path.basename(cache_dir), "top_k": summary["top_k"],
+            "sampling": summary.get("sampling"), "dtype": summary["dtype"], "bytes_per_token": summary["bytes_per_token"],
+            "write_seconds": summary.get("write_seconds")}  # fmt: skip
+
+
 def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = None) -> list[dict]:
     """Train and score every run of the grid, teacher by teacher, writing the tables after each finished run."""
     grid = _read_grid(recipe_path)
@@ -143,6 +172,12 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
                 distill = loss_fields.get("loss") not in TEACHER_FREE_LOSSES
                 if distill:
                     fields["teacher_model_name_or_path"] = teacher_model
+                if distill and data == "gold" and grid.get("teacher_cache"):
+                    cache = _teacher_cache(output, teacher, base_recipe, teacher_model,
+                                           {**grid.get("training", {}), **grid["teacher_cache"]}, overrides)  # fmt: skip
+                    if not any(r["role"] == "cache" and r["teacher"] == teacher for r in rows):
+                        rows.append(cache)
+                    fields["teacher_cache"] = os.path.join(output, cache["dir"])
                 if data != "gold":
                     row = _distilled_data(output, data, grid["distilled_data"][data], teacher, teacher_recipes[teacher],
                                           teacher_model, overrides)  # fmt: skip
@@ -151,11 +186,16 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
                     # The student reads the teacher's subwords: a tokenizer trained on distilled text would differ.
                     fields.update(dataset=os.path.join(output, row["dir"]), tokenizer=teacher_model)
                 command_train([base_recipe, *_argv(fields), *overrides, "--output_dir", run_dir], distill=distill)
+            elif (teacher and data == "gold" and grid.get("teacher_cache") and os.path.isfile(os.path.join(output, f"cache-from-{teacher}.json"))
+                  and not any(r["role"] == "cache" and r["teacher"] == teacher for r in rows)):
+                rows.append(_cache_row(output, teacher))
             elif data != "gold" and not any(r["role"] == "data" and r["name"] == data and r["teacher"] == teacher for r in rows):
                 rows.append(_distilled_data(output, data, grid["distilled_data"][data], teacher, teacher_recipes[teacher],
                                             teacher_model, overrides))  # fmt: skip
+            cached = bool(teacher and data == "gold" and loss_fields.get("loss") not in TEACHER_FREE_LOSSES
+                          and grid.get("teacher_cache"))  # fmt: skip
             rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "", "data": data,
-                         "run": os.path.basename(run_dir), **scored(run_dir, base_recipe)})  # fmt: skip
+                         "teacher_cache": cached, "run": os.path.basename(run_dir), **scored(run_dir, base_recipe)})  # fmt: skip
             write_results(rows, output, quiet=True)
 
     train_students(None, None)
@@ -192,6 +232,7 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
     teachers = [r for r in rows if r["role"] == "teacher"]
     students = [r for r in rows if r["role"] == "student"]
     data = [r for r in rows if r["role"] == "data"]
+    caches = [r for r in rows if r["role"] == "cache"]
     beams = _beam_sizes(teachers + students)
     beam_heads = "".join(f" test BLEU beam {k} | test chrF beam {k} |" for k in beams)
 
@@ -214,6 +255,13 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
         for r in data:
             lines.append(f"| {r['name']} | {r['teacher']} | {r['method']} | {r['sources']} | {r['pairs']} | "
                          f"{_number(r.get('decode_seconds'), '.0f')} | {_number(r.get('sentences_per_second'), '.1f')} |")  # fmt: skip
+    if caches:
+        lines += ["", "## Teacher caches (read by the word-level students on gold targets)", "",
+                  "| teacher | top k | sampled | dtype | bytes/token | writing time (s) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in caches:
+            sampled = r["sampling"]["samples"] if r.get("sampling") else "-"
+            lines.append(f"| {r['teacher']} | {r['top_k']} | {sampled} | {r['dtype']} | {r['bytes_per_token']:.0f} | "
+                         f"{_number(r.get('write_seconds'), '.0f')} |")  # fmt: skip
     lines += ["", "## Students", "",
               f"| student | loss | teacher | training targets | test BLEU | test chrF |{beam_heads} vs CE-only BLEU | train time (s) |",
               "|---|---|---|---|---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
@@ -221,6 +269,8 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
     for r in students:
         delta = r["test_bleu"] - ce_only.get(r["name"], float("nan"))
         targets = "gold" if r.get("data", "gold") == "gold" else f"{r['data']} from {r['teacher']}"
+        if r.get("teacher_cache"):
+            targets += " (teacher cache)"
         lines.append(
             f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {targets} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} |"
             f"{beam_cells(r)} {'' if r['teacher'] == '' else f'{delta:+.2f}'} | {_number(r.get('train_runtime_s'), '.0f')} |"

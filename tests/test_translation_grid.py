@@ -130,3 +130,44 @@ def test_grid_refuses_a_loss_on_undefined_data(tmp_path):
                                     "losses": {"seq-kd": {"loss": "ce", "data": "seq-kd"}}}))  # fmt: skip
     with pytest.raises(ValueError, match="data 'seq-kd'.*defines none"):
         load_script().run_grid(str(grid), [], str(tmp_path / "out"))
+
+
+def test_grid_with_a_full_teacher_cache_trains_the_live_teachers_student(recipe, tmp_path, monkeypatch):  # noqa: F811
+    # teacher_cache: the word-level student on gold targets reads a cache of its teacher, written once per teacher;
+    # with every log-probability kept (k = V, float32) it is the live teacher's student, step for step.
+    import json
+    import shutil
+
+    teacher = yaml.safe_load(recipe.read_text())
+    (tmp_path / "ce.yaml").write_text(yaml.safe_dump({**teacher, "num_train_epochs": 2}))
+    base = {"teachers": {"ce": "ce.yaml"}, "students": {"tiny": {"model": "marian-tiny"}},
+            "losses": {"kd": {"loss": "kd", "ce_weight": 0.5, "kd_weight": 0.5}}, "training": {"num_train_epochs": 1}}  # fmt: skip
+    (tmp_path / "live.yaml").write_text(yaml.safe_dump(base))
+    module = load_script()
+    live_rows = module.run_grid(str(tmp_path / "live.yaml"), [], str(tmp_path / "live"))
+    vocab_size = json.loads((tmp_path / "live" / "teacher-ce" / "model" / "config.json").read_text())["vocab_size"]
+    (tmp_path / "cached.yaml").write_text(
+        yaml.safe_dump({**base, "teacher_cache": {"cache_top_k": vocab_size, "cache_dtype": "float32"}})
+    )
+    shutil.copytree(tmp_path / "live" / "teacher-ce", tmp_path / "cached" / "teacher-ce")  # the same teacher
+    from seqkd.teacher_signal import LiveTeacher
+
+    def never(*args, **kwargs):
+        raise AssertionError("a student of the cached grid ran the teacher")
+
+    monkeypatch.setattr(LiveTeacher, "logits", never)
+    cached_rows = module.run_grid(str(tmp_path / "cached.yaml"), [], str(tmp_path / "cached"))
+
+    (cache,) = [r for r in cached_rows if r["role"] == "cache"]
+    assert cache["teacher"] == "ce" and cache["top_k"] == vocab_size and cache["write_seconds"] >= 0
+    manifest = json.loads((tmp_path / "cached" / "cache-from-ce" / "manifest.json").read_text())
+    assert manifest["top_k"] == vocab_size
+    live_student, cached_student = (next(r for r in rows if r["role"] == "student") for rows in (live_rows, cached_rows))
+    assert cached_student["train_loss"] == pytest.approx(live_student["train_loss"], rel=1e-5)
+    assert cached_student["test_bleu"] == pytest.approx(live_student["test_bleu"], abs=0.5)
+    assert cached_student["teacher_cache"] and not live_student["teacher_cache"]
+    results = (tmp_path / "cached" / "results.md").read_text()
+    assert "## Teacher caches" in results and "| gold (teacher cache) |" in results
+    stamp = (tmp_path / "cached" / "cache-from-ce.json").stat().st_mtime_ns
+    module.run_grid(str(tmp_path / "cached.yaml"), [], str(tmp_path / "cached"))  # finished: the cache is not rewritten
+    assert (tmp_path / "cached" / "cache-from-ce.json").stat().st_mtime_ns == stamp
