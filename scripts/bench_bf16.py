@@ -3,9 +3,11 @@
 
 Each configuration is trained with ``seqkd train`` / ``seqkd distill`` for ``--steps`` optimiser steps in float32
 and with ``--bf16 true`` (CPU autocast on a machine without a GPU; the losses stay in float32), once per seed in
-``--seeds``. It prints a markdown table: seconds per step (the trainer's ``train_runtime`` / steps, median over
-seeds), the bf16 speed-up, and the validation metric of each precision as mean +- standard deviation over the
-seeds. The seeds' spread is the noise: bf16 holds quality when its mean is within that spread of float32's.
+``--seeds``; a distilled configuration also trains a float32 student from a teacher cast to bfloat16
+(``--teacher_dtype bfloat16``, the cheaper online teacher of scripts/bench_distill_step.py). It prints a markdown
+table: seconds per step (the trainer's ``train_runtime`` / steps, median over seeds), the speed-up over float32, and
+the validation metric of each precision as mean +- standard deviation over the seeds. The seeds' spread is the
+noise: a precision holds quality when its mean is within that spread of float32's.
 
     python scripts/bench_bf16.py --data_dir ../shared/data
     python scripts/bench_bf16.py --configs lstm-medium --steps 300 --seeds 1,2,3
@@ -64,6 +66,17 @@ def config_argv(name: str, options) -> tuple[list[str], bool]:
     raise SystemExit(f"unknown configuration {name!r}: choose lstm-medium, mt-teacher or student")
 
 
+PRECISIONS = {
+    "fp32": ["--bf16", "false"],
+    "bf16": ["--bf16", "true"],
+    "bf16 teacher": ["--bf16", "false", "--teacher_dtype", "bfloat16"],  # distilled configurations only
+}
+
+
+def precisions_of(distill: bool) -> list[str]:
+    return list(PRECISIONS) if distill else ["fp32", "bf16"]
+
+
 def run(argv: list[str], distill: bool) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         return command_train(argv, distill=distill)
@@ -90,12 +103,12 @@ def main(argv=None) -> int:
     rows = []
     for name in options.configs.split(","):
         base, distill = config_argv(name, options)
-        results: dict[str, list[dict]] = {"fp32": [], "bf16": []}
+        results: dict[str, list[dict]] = {precision: [] for precision in precisions_of(distill)}
         for seed in seeds:
             for precision in results:
-                out = tempfile.mkdtemp(prefix=f"bench_bf16_{name}_{precision}_")
+                out = tempfile.mkdtemp(prefix=f"bench_bf16_{name}_{precision.replace(' ', '_')}_")
                 argv = [*base, *QUIET, "--max_steps", str(options.steps), "--seed", str(seed), "--output_dir", out,
-                        "--bf16", "true" if precision == "bf16" else "false"]  # fmt: skip
+                        *PRECISIONS[precision]]  # fmt: skip
                 if options.data_dir:
                     argv += ["--data_dir", options.data_dir]
                 metrics = run(argv, distill)
@@ -104,16 +117,15 @@ def main(argv=None) -> int:
                       f"validation perplexity {metrics['validation_perplexity']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
         step = {p: statistics.median(m["train_runtime_s"] / options.steps for m in runs) for p, runs in results.items()}
         perplexity = {p: [m["validation_perplexity"] for m in runs] for p, runs in results.items()}
-        rows.append((name, step["fp32"], step["bf16"], step["fp32"] / step["bf16"], mean_sd(perplexity["fp32"]),
-                     mean_sd(perplexity["bf16"]),
-                     statistics.mean(perplexity["bf16"]) - statistics.mean(perplexity["fp32"])))  # fmt: skip
+        for precision in results:
+            rows.append((name, precision, step[precision], step["fp32"] / step[precision], mean_sd(perplexity[precision]),
+                         statistics.mean(perplexity[precision]) - statistics.mean(perplexity["fp32"])))  # fmt: skip
     cpu = platform.processor() or platform.machine()
     print(f"\nmachine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {options.steps} steps; seeds {seeds}\n")
-    print("| configuration | fp32 s/step | bf16 s/step | bf16 speed-up | fp32 validation perplexity | "
-          "bf16 validation perplexity | bf16 - fp32 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for name, fp32, bf16, speedup, p32, p16, delta in rows:
-        print(f"| {name} | {fp32:.3f} | {bf16:.3f} | {speedup:.2f}x | {p32} | {p16} | {delta:+.2f} |")
+    print("| configuration | precision | s/step | speed-up over fp32 | validation perplexity | - fp32 |")
+    print("|---|---|---|---|---|---|")
+    for name, precision, seconds, speedup, ppl, delta in rows:
+        print(f"| {name} | {precision} | {seconds:.3f} | {speedup:.2f}x | {ppl} | {delta:+.2f} |")
     return 0
 
 

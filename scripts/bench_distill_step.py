@@ -6,6 +6,8 @@ For each model it times, over the same batches of random tokens:
 - ``plain loop``  a hand-written PyTorch loop (forward, cross-entropy, backward, clip, SGD; state carried);
 - ``ce``          ``DistillationTrainer`` with ``loss=ce`` (no teacher);
 - ``online``      ``DistillationTrainer`` distilling (``ban``: CE + KD) from a same-size teacher run at every step;
+- ``online bf16 teacher``  the same with ``teacher_dtype=bfloat16`` (the teacher's weights cast, its logits
+                  read by the loss in float32), the cheaper teacher a CPU with AMX or avx512_bf16 can run;
 - ``cache``       the same loss from a teacher cache of that teacher (``--top_k``), written once beforehand.
 
 Every run takes ``--warmup + --steps`` optimiser steps; the time between the end of step ``warmup`` and the end
@@ -34,6 +36,7 @@ the cache's bytes per token, and the machine. Models:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -53,7 +56,8 @@ from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
 from seqkd.teacher_cache import TeacherCache, cache_teacher
 from seqkd.trainer import DistillationArguments, DistillationTrainer
 
-MODES = ("plain loop", "ce", "online", "cache")
+MODES = ("plain loop", "ce", "online", "online bf16 teacher", "cache")
+ONLINE_MODES = {"online": "float32", "online bf16 teacher": "bfloat16"}
 # Translation students and the teacher that teaches them.
 SEQ2SEQ_TEACHERS = {"transformer-2x2-128": "transformer-3x3-256"}
 
@@ -122,6 +126,10 @@ class StepClock(TrainerCallback):
 
 def time_trainer(model_name, mode, data, vocab_size, args_common, teacher, cache_dir, warmup, steps, tokenizer=None) -> float:
     fields = {"loss": "ce"} if mode == "ce" else {"loss": "ban"}
+    if mode in ONLINE_MODES:
+        fields["teacher_dtype"] = ONLINE_MODES[mode]
+        # The trainer casts the teacher in place: the float32 modes after this one must keep theirs.
+        teacher = copy.deepcopy(teacher)
     if mode == "cache":
         fields["teacher_cache"] = cache_dir
     args = DistillationArguments(**args_common, **fields, max_steps=warmup + steps)
@@ -134,7 +142,7 @@ def time_trainer(model_name, mode, data, vocab_size, args_common, teacher, cache
     else:
         collator = None if isinstance(data, StreamBatches) else default_data_collator
     trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=data, teacher_model=teacher if mode == "online" else None,
+        model=model, args=args, train_dataset=data, teacher_model=teacher if mode in ONLINE_MODES else None,
         callbacks=[clock], data_collator=collator, processing_class=tokenizer,
     )  # fmt: skip
     trainer.train()
@@ -191,13 +199,15 @@ def time_breakdown(model_name, data, vocab_size, device, repeats) -> dict[str, f
 
     ``student ce``: the student's forward, the gold-only loss and the backward pass; ``student ban``: the same
     with the distillation loss against the teacher's logits (computed once beforehand); ``teacher``: the
-    teacher's forward pass under ``no_grad`` and under ``inference_mode``.
+    teacher's forward pass under ``no_grad`` and under ``inference_mode``; ``teacher bf16``: a bfloat16 copy of the
+    teacher under ``no_grad``.
     """
     student = build_model(model_name, vocab_size, seed=2).to(device).train()
     teacher = build_model(model_name, vocab_size, seed=1).to(device).eval()
     batch = data[0] if isinstance(data, StreamBatches) else data.with_format("torch")[: 32]
     input_ids = batch["input_ids"].to(device)
     labels = torch.randint(0, vocab_size, input_ids.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    teacher_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
     with torch.no_grad():
         teacher_logits = teacher(input_ids=input_ids).logits
 
@@ -206,15 +216,16 @@ def time_breakdown(model_name, data, vocab_size, device, repeats) -> dict[str, f
         distillation_loss(name, logits, teacher_logits if name != "ce" else None, labels).loss.backward()
         student.zero_grad(set_to_none=True)
 
-    def teacher_forward(context):
+    def teacher_forward(context, model=teacher):
         with context():
-            teacher(input_ids=input_ids)
+            model(input_ids=input_ids)
 
     return {
         "student ce": _median_seconds(lambda: student_step("ce"), device, repeats),
         "student ban": _median_seconds(lambda: student_step("ban"), device, repeats),
         "teacher no_grad": _median_seconds(lambda: teacher_forward(torch.no_grad), device, repeats),
         "teacher inference_mode": _median_seconds(lambda: teacher_forward(torch.inference_mode), device, repeats),
+        "teacher bf16": _median_seconds(lambda: teacher_forward(torch.no_grad, teacher_bf16), device, repeats),
     }
 
 
@@ -230,6 +241,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=15, help="Timed optimiser steps per run.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps before them.")
     parser.add_argument("--repeats", type=int, default=2, help="Runs per mode (interleaved); the median is reported.")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"Comma-separated, from: {', '.join(MODES)}.")
     parser.add_argument("--top_k", type=int, default=64, help="Teacher log-probabilities per token in the cache.")
     parser.add_argument("--vocab_size", type=int, default=10_000)
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
@@ -238,6 +250,10 @@ def main(argv=None) -> int:
     options = parser.parse_args(argv)
     if options.steps < 1 or options.warmup < 1 or options.repeats < 1:
         parser.error("--steps, --warmup and --repeats must be >= 1")
+    modes = [mode.strip() for mode in options.modes.split(",")]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or "ce" not in modes:
+        parser.error(f"--modes must include ce and name only {', '.join(MODES)}; got {options.modes!r}")
     transformers.logging.set_verbosity_error()
     device = options.device
     args_common = dict(
@@ -262,9 +278,9 @@ def main(argv=None) -> int:
                       tokenizer=tokenizer)  # fmt: skip
         cache_seconds = time.perf_counter() - started
         bytes_per_token = TeacherCache(cache_dir).bytes_per_token
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
         for _ in range(options.repeats):
-            for mode in MODES:
+            for mode in modes:
                 if mode == "plain loop":
                     if tokenizer is not None:
                         continue
@@ -290,7 +306,7 @@ def main(argv=None) -> int:
             rows.append({"model": model_name, "mode": "trainer vs plain loop (tokens/s)", "ratio": median["plain loop"] / median["ce"]})
         rows.append({"model": model_name, "mode": f"cache: k={options.top_k}, bytes/token", "ratio": bytes_per_token,
                      "note": f"written in {cache_seconds:.1f} s"})  # fmt: skip
-        if options.breakdown and tokenizer is None:
+        if options.breakdown and tokenizer is None and "online" in median:
             parts = time_breakdown(model_name, data, options.vocab_size, device, options.steps)
             step = median["ce"]
             teacher_share = parts["teacher no_grad"] / step
@@ -298,6 +314,9 @@ def main(argv=None) -> int:
             breakdown.append({
                 "model": model_name, "teacher": teacher_share, "teacher inference_mode": parts["teacher inference_mode"] / step,
                 "loss": loss_share, "expected": 1 + teacher_share + loss_share, "measured": median["online"] / step,
+                "teacher bf16": parts["teacher bf16"] / step,
+                "expected bf16": 1 + parts["teacher bf16"] / step + loss_share,
+                "measured bf16": median["online bf16 teacher"] / step if "online bf16 teacher" in median else float("nan"),
             })  # fmt: skip
 
     print(f"\nmachine: {machine(device)}; torch {torch.__version__}; transformers {transformers.__version__}")
@@ -318,11 +337,13 @@ def main(argv=None) -> int:
     if breakdown:
         print("\nWhat online distillation adds to a CE step (shares of the trainer's median ce step):\n")
         print("| model | teacher forward (no_grad) | teacher forward (inference_mode) | distillation loss over ce loss "
-              "| 1 + teacher + loss | measured online / ce |")
-        print("|---|---|---|---|---|---|")
+              "| 1 + teacher + loss | measured online / ce | bf16 teacher forward | 1 + bf16 teacher + loss "
+              "| measured online bf16 teacher / ce |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in breakdown:
             print(f"| {row['model']} | {row['teacher']:.3f} | {row['teacher inference_mode']:.3f} | {row['loss']:.3f} | "
-                  f"{row['expected']:.3f} | {row['measured']:.3f} |")
+                  f"{row['expected']:.3f} | {row['measured']:.3f} | {row['teacher bf16']:.3f} | "
+                  f"{row['expected bf16']:.3f} | {row['measured bf16']:.3f} |")
     return 0
 
 

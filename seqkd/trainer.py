@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,23 @@ logger = logging.getLogger("seqkd")
 _FUSED_MIN_ELEMENTS = 1 << 28
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
+# Under bf16 autocast on CPU (torch 2.13) the flash attention kernel's backward runs 3-7x slower than in float32 for
+# short sequences, while the math kernel in bf16 is the fastest of the four up to 128 positions and slower than flash
+# from 256 on (docs/benchmarks.md, "bf16 autocast on CPU"): batches up to this length take the math kernel.
+_CPU_BF16_MATH_ATTENTION_MAX_LENGTH = 128
+_SEQUENCE_KEYS = ("input_ids", "decoder_input_ids", "labels", "inputs_embeds")
+
+
+def attention_kernel_context(args, inputs: dict):
+    """The scaled-dot-product attention kernels a forward pass on ``inputs`` may use (see above)."""
+    if not (args.bf16 and args.device.type == "cpu"):
+        return nullcontext()
+    lengths = [inputs[key].shape[1] for key in _SEQUENCE_KEYS if torch.is_tensor(inputs.get(key)) and inputs[key].dim() > 1]
+    if not lengths or max(lengths) > _CPU_BF16_MATH_ATTENTION_MAX_LENGTH:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @dataclass
@@ -574,6 +592,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         return self.args.kd_weight * min(1.0, (self.state.epoch or 0.0) / warmup)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with attention_kernel_context(self.args, inputs):
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         signal = self.teacher_signal
         inputs, taken = signal.take(inputs, self.accelerator.unwrap_model(model))
         if signal.kind == "generated":

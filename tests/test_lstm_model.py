@@ -379,3 +379,20 @@ def test_lstm_learns_a_repeating_pattern_with_tbptt():
         labels[:, :2] = -100  # the first targets can be ambiguous without context
         loss = model(test, labels=labels).loss
     assert loss.item() < 0.05, loss.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_runs_as_one_matrix_product(dtype):
+    # A frozen teacher (no parameter requires grad, no_grad) used to reach the head with the LSTM's transposed
+    # [seq, batch] buffer, which matmul multiplies as a batch of [seq, H] x [H, V] products against a weight
+    # copied once per row: at 2 x 650 and batch 20 that copy doubled the bf16 teacher's step.
+    from torch.profiler import ProfilerActivity, profile
+
+    model = LSTMForCausalLM(LSTMLMConfig(vocab_size=64, embedding_size=16, hidden_size=16, num_layers=2)).eval().to(dtype)
+    model.requires_grad_(False)
+    ids = torch.randint(0, 64, (4, 7))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        logits = model(input_ids=ids).logits
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::bmm" not in ops, sorted(ops)
+    assert logits.shape == (4, 7, 64)

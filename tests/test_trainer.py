@@ -330,6 +330,29 @@ def test_bf16_on_a_cpu_machine_trains_under_cpu_autocast(corpus, tmp_path):
     assert next(student.parameters()).dtype == torch.float32  # autocast, not a bf16 model
 
 
+@pytest.mark.parametrize("bf16, block, math_kernel", [(True, 8, True), (True, 160, False), (False, 8, False)])
+def test_bf16_on_cpu_runs_short_batches_through_the_math_attention_kernel(corpus, tmp_path, bf16, block, math_kernel):
+    # bf16 flash attention's backward on CPU is several times slower than the math kernel for short sequences, and
+    # faster for long ones: a bf16 step on CPU picks the math kernel for batches up to 128 positions.
+    from torch.profiler import ProfilerActivity, profile
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bf16 there is the GPU's")
+    tokenizer, lines, _ = corpus
+    blocks = group_texts(lines * 40, tokenizer, block).select(range(4))
+    student = build_causal_lm("gpt2-tiny", tokenizer=tokenizer, n_positions=256)
+    args = DistillationArguments(output_dir=str(tmp_path / "sdpa"), report_to=[], disable_tqdm=True, save_strategy="no",
+                                 learning_rate=0.01, seed=0, loss="ce", bf16=bf16, use_cpu=True, max_steps=1,
+                                 per_device_train_batch_size=4)  # fmt: skip
+    trainer = DistillationTrainer(model=student, args=args, train_dataset=blocks)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train()
+    ops = {event.key for event in prof.key_averages()}
+    flash = any("flash_attention" in op for op in ops)
+    assert any("scaled_dot_product" in op for op in ops), sorted(ops)  # the model does attend through SDPA
+    assert flash != math_kernel, sorted(op for op in ops if "attention" in op)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_that_it_emulates(native, tmp_path, monkeypatch, caplog):
     # On a CPU with neither avx512_bf16 nor AMX, autocast emulates bf16: the user hears it may be slower.

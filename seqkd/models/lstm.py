@@ -290,7 +290,11 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
             self.lstm.flatten_parameters()
             self._lstm_flattened = True
         if attention_mask is None or bool(attention_mask.all()):
-            return self.lstm(x, state)
+            out, new_state = self.lstm(x, state)
+            # A batch_first LSTM returns its [seq, batch] buffer viewed as [batch, seq]. With no gradient anywhere (a
+            # frozen teacher) matmul cannot fold that view into one mm and multiplies by the head's weight copied
+            # once per row (a 20 x 650 x 10k copy per step at 2 x 650): one copy of the small hidden states avoids it.
+            return out.contiguous(), new_state
 
         # Masked positions are skipped: move each row's real tokens to the front (order kept), run the
         # packed sequence, and scatter the outputs back to their original positions.
