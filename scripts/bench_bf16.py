@@ -12,10 +12,13 @@ noise: a precision holds quality when its mean is within that spread of float32'
     python scripts/bench_bf16.py --data_dir ../shared/data
     python scripts/bench_bf16.py --configs lstm-medium --steps 300 --seeds 1,2,3
     python scripts/bench_bf16.py --configs student --teacher runs/multi30k/teacher-ce/model
+    python scripts/bench_bf16.py --configs lstm-small,lstm-student --lm_teacher runs/ban_lstm_ptb_small/gen-0/model
 
 Configurations:
 
 - ``lstm-medium``  the 2 x 650 LSTM LM of recipes/ban_lstm_ptb_medium.yaml on PTB (validation perplexity);
+- ``lstm-small``   the 2 x 200 LSTM LM of recipes/ban_lstm_ptb_small.yaml, the CPU recipe (validation perplexity);
+- ``lstm-student`` that 2 x 200 LSTM distilled Born-Again style (ban: CE + KD) from ``--lm_teacher`` on PTB;
 - ``mt-teacher``   the 3 + 3 x 256 Transformer of recipes/ce_teacher_multi30k.yaml (validation perplexity);
 - ``student``      transformer-2x2-128 distilled (kd) from ``--teacher`` on Multi30k (validation perplexity).
 """
@@ -25,16 +28,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 
 import torch
 
+import seqkd.trainer
 from seqkd.cli import command_train
+from seqkd.hardware import cpu_has_native_bf16, cpu_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPES = os.path.join(HERE, "..", "recipes")
@@ -53,6 +56,14 @@ def config_argv(name: str, options) -> tuple[list[str], bool]:
         return [os.path.join(RECIPES, "ban_lstm_ptb_medium.yaml"), "--loss", "ce", "--eval_splits", "validation",
                 "--lr_scheduler_type", "constant",
                 "--max_eval_tokens", str(options.max_eval_tokens)], False  # fmt: skip
+    if name in ("lstm-small", "lstm-student"):
+        argv = [os.path.join(RECIPES, "ban_lstm_ptb_small.yaml"), "--eval_splits", "validation",
+                "--lr_scheduler_type", "constant", "--max_eval_tokens", str(options.max_eval_tokens)]  # fmt: skip
+        if name == "lstm-small":
+            return [*argv, "--loss", "ce"], False
+        if not options.lm_teacher:
+            raise SystemExit("the lstm-student configuration needs --lm_teacher (a trained PTB LSTM folder)")
+        return [*argv, "--loss", "ban", "--teacher_model_name_or_path", options.lm_teacher], True
     if name == "mt-teacher":
         return [os.path.join(RECIPES, "ce_teacher_multi30k.yaml"), "--eval_splits", "validation",
                 *FIXED_STEPS, "--predict_with_generate", "false"], False  # fmt: skip
@@ -63,7 +74,7 @@ def config_argv(name: str, options) -> tuple[list[str], bool]:
                 "--ce_weight", "0.5", "--kd_weight", "0.5", "--learning_rate", "0.001", "--warmup_steps", "100",
                 "--teacher_model_name_or_path", options.teacher, "--eval_splits", "validation", *FIXED_STEPS,
                 "--predict_with_generate", "false"], True  # fmt: skip
-    raise SystemExit(f"unknown configuration {name!r}: choose lstm-medium, mt-teacher or student")
+    raise SystemExit(f"unknown configuration {name!r}: choose lstm-medium, lstm-small, lstm-student, mt-teacher or student")
 
 
 PRECISIONS = {
@@ -95,8 +106,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="1,2", help="Comma-separated seeds: their spread is the noise.")
     parser.add_argument("--data_dir", default=None, help="Data folder (default $SEQKD_DATA_DIR).")
     parser.add_argument("--teacher", default=None, help="The student configuration's teacher.")
-    parser.add_argument("--max_eval_tokens", type=int, default=20_000, help="lstm-medium: validation tokens scored.")
+    parser.add_argument("--lm_teacher", default=None, help="The lstm-student configuration's teacher (a PTB LSTM).")
+    parser.add_argument("--max_eval_tokens", type=int, default=20_000, help="LSTM configurations: validation tokens scored.")
+    parser.add_argument("--bf16_attention", choices=("auto", "flash"), default="auto",
+                        help="auto: seqkd's choice (the math kernel for batches up to 128 positions under bf16 on CPU); "
+                             "flash: torch's default kernel, to measure what that choice is worth.")  # fmt: skip
     options = parser.parse_args(argv)
+    if options.bf16_attention == "flash":
+        seqkd.trainer._CPU_BF16_MATH_ATTENTION_MAX_LENGTH = 0
     seeds = [int(s) for s in options.seeds.split(",")]
     if options.steps < 1 or not seeds:
         parser.error("--steps must be >= 1 and --seeds non-empty")
@@ -120,8 +137,9 @@ def main(argv=None) -> int:
         for precision in results:
             rows.append((name, precision, step[precision], step["fp32"] / step[precision], mean_sd(perplexity[precision]),
                          statistics.mean(perplexity[precision]) - statistics.mean(perplexity["fp32"])))  # fmt: skip
-    cpu = platform.processor() or platform.machine()
-    print(f"\nmachine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {options.steps} steps; seeds {seeds}\n")
+    print(f"\nbf16 attention kernel: {options.bf16_attention}")
+    print(f"machine: {cpu_name()} (bf16 instructions: {'yes' if cpu_has_native_bf16() else 'no, emulated'}), "
+          f"{os.cpu_count()} cores; torch {torch.__version__}; {options.steps} steps; seeds {seeds}\n")
     print("| configuration | precision | s/step | speed-up over fp32 | validation perplexity | - fp32 |")
     print("|---|---|---|---|---|---|")
     for name, precision, seconds, speedup, ppl, delta in rows:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -52,6 +51,7 @@ from transformers import TrainerCallback, default_data_collator
 from seqkd.data.text import StreamBatches
 from seqkd.evaluation import is_stateful
 from seqkd.losses import distillation_loss
+from seqkd.hardware import cpu_name
 from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
 from seqkd.teacher_cache import TeacherCache, cache_teacher
 from seqkd.trainer import DistillationArguments, DistillationTrainer
@@ -232,7 +232,7 @@ def time_breakdown(model_name, data, vocab_size, device, repeats) -> dict[str, f
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def main(argv=None) -> int:

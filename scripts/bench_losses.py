@@ -19,13 +19,13 @@ warm-up. Ratios are seqkd / naive, both measured in this run on this machine.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from seqkd.hardware import cpu_name
 from seqkd.losses import (
     distillation_loss,
     dkd_loss,
@@ -181,13 +181,7 @@ def available_bytes(device) -> int:
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return f"{cpu_name()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def main() -> None:

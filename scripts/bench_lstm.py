@@ -16,7 +16,6 @@ Prints a markdown table (model, tokens/s, ms/step, ratio vs plain) and the machi
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import transformers
+from seqkd.hardware import cpu_name
 from seqkd.models import LSTMForCausalLM, LSTMLMConfig
 
 
@@ -50,12 +50,7 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
+        name = cpu_name()
     return (
         f"device: {device.type} ({name}); torch {torch.__version__}; transformers {transformers.__version__}; "
         f"threads: {torch.get_num_threads()}"

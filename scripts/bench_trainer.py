@@ -110,7 +110,8 @@ def run_seqkd(args, data_dir: str) -> dict:
                 "--per_device_eval_batch_size", str(args.eval_batch_size), "--learning_rate", str(args.lr),
                 "--max_grad_norm", str(args.clip), "--num_train_epochs", "1", "--eval_splits", "validation",
                 "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "200",
-                "--disable_tqdm", "true", "--seed", str(args.seed), "--output_dir", output]  # fmt: skip
+                "--disable_tqdm", "true", "--seed", str(args.seed), "--output_dir", output,
+                "--bf16", "false"]  # fmt: skip  # the plain loop is float32; the recipe's bf16 auto would not be
         if args.max_steps:
             argv += ["--max_steps", str(args.max_steps)]
         metrics = command_train(argv, distill=False)

@@ -145,6 +145,45 @@ def _recipe_to_argv(path: str, parser: HfArgumentParser) -> list[str]:
     return argv
 
 
+_BF16_VALUES = {"auto", "true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"}  # transformers' booleans and auto
+
+
+def _resolve_bf16_auto(argv: list[str]) -> list[str]:
+    """``bf16: auto`` (recipe) or ``--bf16 auto``: bf16 autocast where the hardware computes in bf16 (a GPU with bf16,
+    a CPU with avx512_bf16 or AMX), float32 where autocast would only emulate it and run slower."""
+    from seqkd.hardware import bf16_is_native
+
+    argv = list(argv)
+    values = []  # (index of the value, written as --bf16=value) for every bf16 given; the last one wins
+    for i, token in enumerate(argv):
+        if token.startswith("--bf16="):
+            values.append((i, True))
+        elif token == "--bf16" and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            values.append((i + 1, False))  # a bare `--bf16` means true and is left to the parser
+    for position, (at, inline) in enumerate(values):
+        value = argv[at].split("=", 1)[1] if inline else argv[at]
+        if value.lower() not in _BF16_VALUES:
+            raise InvalidValueError(f"bf16 must be true, false or auto, got {value!r}")
+        if value.lower() != "auto":
+            continue
+        native = bf16_is_native(use_cpu=_last_value(argv, "use_cpu", "false").lower() in ("true", "t", "yes", "y", "1"))
+        if position == len(values) - 1:
+            logger.info("bf16 auto: %s", "on (this hardware computes in bf16)" if native else
+                        "off (no bf16 instructions here: autocast would emulate bf16, slower than float32)")  # fmt: skip
+        argv[at] = ("--bf16=" if inline else "") + ("true" if native else "false")
+    return argv
+
+
+def _last_value(argv: list[str], name: str, default: str) -> str:
+    value = default
+    for i, token in enumerate(argv):
+        if token == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(f"--{name}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
 def parse_command_line(command: str, argv: list[str]):
     """``argv`` = [recipe.yaml] [--field value ...]; the command line overrides the recipe."""
     parser = _parser(command)
@@ -152,7 +191,7 @@ def parse_command_line(command: str, argv: list[str]):
     if argv and not argv[0].startswith("-"):
         recipe_argv = _recipe_to_argv(argv[0], parser)
         argv = argv[1:]
-    full = recipe_argv + argv
+    full = _resolve_bf16_auto(recipe_argv + argv)
     if not _names_field(full, "output_dir"):
         full += ["--output_dir", os.path.join("runs", command)]
     try:

@@ -35,6 +35,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from seqkd.evaluation import corpus_perplexity, is_stateful
+from seqkd.hardware import cpu_has_native_bf16
 from seqkd.teacher_cache import TEACHER_KEYS
 from seqkd.losses import (
     DIVERGENCES,
@@ -55,9 +56,10 @@ logger = logging.getLogger("seqkd")
 _FUSED_MIN_ELEMENTS = 1 << 28
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _STREAM_STATE_FILE = "stream_state-rank{rank}.safetensors"
-# Under bf16 autocast on CPU (torch 2.13) the flash attention kernel's backward runs 3-7x slower than in float32 for
-# short sequences, while the math kernel in bf16 is the fastest of the four up to 128 positions and slower than flash
-# from 256 on (docs/benchmarks.md, "bf16 autocast on CPU"): batches up to this length take the math kernel.
+# Under bf16 autocast on CPU (torch 2.13) the flash attention kernel is several times slower than the math kernel for
+# short sequences (16-64 positions: 1.8-6.4x on an AMD EPYC), level at 128 and twice as fast from 256 on
+# (scripts/bench_attention.py; docs/benchmarks.md, "Attention kernels under bf16 on CPU"): batches up to this length
+# take the math kernel.
 _CPU_BF16_MATH_ATTENTION_MAX_LENGTH = 128
 _SEQUENCE_KEYS = ("input_ids", "decoder_input_ids", "labels", "inputs_embeds")
 
@@ -271,7 +273,7 @@ class DistillationArguments(Seq2SeqTrainingArguments):
             # mean CPU autocast, which Accelerate applies once use_cpu is on (the losses stay in float32).
             logger.info("bf16 on a machine without a GPU: training with CPU autocast (use_cpu=True)")
             self.use_cpu = True
-        if (self.bf16 or self.bf16_full_eval) and self.use_cpu and not _cpu_has_native_bf16():
+        if (self.bf16 or self.bf16_full_eval) and self.use_cpu and not cpu_has_native_bf16():
             logger.warning(
                 "bf16 on a CPU without bf16 instructions (neither avx512_bf16 nor AMX): autocast emulates bf16 here "
                 "and is likely slower than float32 (half its speed on an Ice Lake Xeon, docs/benchmarks.md); "
@@ -330,11 +332,6 @@ def _has_bf16_accelerator() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
-def _cpu_has_native_bf16() -> bool:
-    # Private torch probes (present in torch 2.x); without them, assume the instructions are there.
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    probes = [probe for probe in probes if probe is not None]
-    return not probes or any(probe() for probe in probes)
 
 
 def _is_stream(dataset) -> bool:

@@ -34,6 +34,16 @@ TINY_CORPUS = {
 }
 
 
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def data_root() -> Path:
     """The shared data directory (``$SEQKD_DATA_DIR`` or ``<repo root>/../shared/data``)."""
     env = os.environ.get("SEQKD_DATA_DIR")

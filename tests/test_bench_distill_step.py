@@ -1,17 +1,12 @@
 """scripts/bench_distill_step.py --breakdown: the parts online distillation adds are timed on one real batch."""
 
-import importlib.util
 import math
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_distill_step.py"
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_distill_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_distill_step")
 
 
 def test_breakdown_times_every_part():
@@ -20,7 +15,6 @@ def test_breakdown_times_every_part():
     parts = bench.time_breakdown("lstm-medium", data, 50, "cpu", repeats=1)
     assert set(parts) == {"student ce", "student ban", "teacher no_grad", "teacher inference_mode", "teacher bf16"}
     assert all(math.isfinite(seconds) and seconds > 0 for seconds in parts.values()), parts
-
 
 
 def test_bf16_teacher_mode_trains_and_leaves_the_shared_teacher_float32(tmp_path):

@@ -30,3 +30,27 @@ def test_bench_trainer_prints_both_loops_and_their_ratio(tmp_path):
 def test_bench_trainer_names_a_missing_data_folder(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--data_dir", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0 and "ptb.train.txt" in result.stderr
+
+
+def test_seqkd_side_trains_in_float32_like_the_plain_loop(monkeypatch):
+    # The recipe asks for bf16 where the CPU has it; the comparison with a float32 loop must not.
+    import argparse
+
+    import seqkd.cli
+    from conftest import load_script
+
+    bench = load_script("bench_trainer")
+    seen = {}
+
+    def fake_train(argv, distill):
+        seen["argv"] = argv
+        return {"train_runtime_s": 1.0, "validation_perplexity": 2.0}
+
+    monkeypatch.setattr(seqkd.cli, "command_train", fake_train)
+    args = argparse.Namespace(size=8, dropout=0.0, bptt=5, batch_size=2, eval_batch_size=2, lr=1.0, clip=0.25, seed=1,
+                              max_steps=1)  # fmt: skip
+    bench.run_seqkd(args, "data")
+    argv = seen["argv"]
+    last_bf16 = max(i for i, token in enumerate(argv) if token == "--bf16")
+    assert argv[last_bf16 + 1] == "false"
+    assert "bf16: auto" in Path(argv[0]).read_text()  # the recipe itself does ask for bf16 where the CPU has it

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,14 +151,17 @@ def test_distill_and_train_refuse_a_missing_teacher(recipe, corpus_dir, tmp_path
         run("train", recipe, "--dataset", corpus_dir, "--output_dir", tmp_path, "--loss", "kd")
 
 
-def test_born_again_writes_generations_results_plot_and_skips_finished_ones(recipe, corpus_dir, tmp_path, capsys):
+@pytest.mark.parametrize("bf16", ["false", "true"])  # true: CPU autocast on a machine without a GPU
+def test_born_again_writes_generations_results_plot_and_skips_finished_ones(recipe, corpus_dir, tmp_path, capsys, bf16):
     out = tmp_path / "ban"
-    argv = ["born-again", recipe, "--dataset", corpus_dir, "--output_dir", out, "--loss", "ban", "--num_generations", "1"]
+    argv = ["born-again", recipe, "--dataset", corpus_dir, "--output_dir", out, "--loss", "ban", "--num_generations", "1",
+            "--bf16", bf16]  # fmt: skip
     run(*argv)
     for generation in (0, 1):
         assert (out / f"gen-{generation}" / "model" / "model.safetensors").is_file()
         metrics = json.loads((out / f"gen-{generation}" / "metrics.json").read_text())
         assert metrics["loss"] == ("ce" if generation == 0 else "ban")
+        assert math.isfinite(metrics["validation_perplexity"]) and math.isfinite(metrics["test_perplexity"])
     results = (out / "results.md").read_text()
     assert "| 0 | ce |" in results and "| 1 | ban |" in results and "| ensemble |" in results
     assert (out / "perplexity.png").stat().st_size > 1000
@@ -294,3 +298,39 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
         "--early_stopping_patience", "0")  # fmt: skip
     metrics = json.loads((tmp_path / "fixed" / "model" / "metrics.json").read_text())
     assert metrics["epochs"] == pytest.approx(2.0) and "stopped_early" not in metrics
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("spelling", [["--bf16", "auto"], ["--bf16=AUTO"], "recipe"])
+def test_bf16_auto_is_bf16_exactly_where_the_cpu_computes_in_it(native, spelling, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bf16 auto asks the GPU")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: lstm\nbf16: auto\n" if spelling == "recipe" else "model: lstm\n")
+    flags = [] if spelling == "recipe" else spelling
+    with caplog.at_level(logging.INFO, logger="seqkd"):
+        _, _, args = parse_command_line("train", [str(recipe), *flags, "--output_dir", str(tmp_path / "o")])
+    assert args.bf16 is native
+    assert args.use_cpu is native  # bf16 on a machine without a GPU is CPU autocast
+    assert ("bf16 auto: on" if native else "bf16 auto: off") in caplog.text
+    # An explicit value later on the command line still wins over the recipe's auto.
+    if spelling == "recipe":
+        _, _, args = parse_command_line("train", [str(recipe), "--bf16", "false", "--output_dir", str(tmp_path / "o")])
+        assert args.bf16 is False
+
+
+def test_bf16_accepts_only_booleans_and_auto(tmp_path):
+    from seqkd.errors import UserError
+
+    # A bare --bf16 is transformers' "true", whatever follows it.
+    _, _, args = parse_command_line("train", ["--bf16", "--output_dir", str(tmp_path / "o")])
+    assert args.bf16 is True
+
+    with pytest.raises(UserError, match="bf16 must be true, false or auto, got 'sometimes'"):
+        parse_command_line("train", ["--bf16", "sometimes", "--output_dir", str(tmp_path / "o")])

@@ -1,21 +1,13 @@
 """scripts/translation_grid.py: two teachers, a student by CE and by KD from each, results table and plot."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
 from test_translation_cli import parallel_dir, recipe  # noqa: F401  (fixtures)
+from conftest import load_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str = "translation_grid"):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, tmp_path, capsys):  # noqa: F811
@@ -34,7 +26,7 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
             sort_keys=False,  # the teachers in this order: ls first
         )
     )
-    module = load_script()
+    module = load_script("translation_grid")
     out = tmp_path / "out"
     rows = module.run_grid(str(grid), [], str(out))
     names = {(r["role"], r["name"], r["loss"], r["teacher"]) for r in rows}
@@ -97,7 +89,7 @@ def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(re
             sort_keys=False,
         )  # fmt: skip
     )
-    module = load_script()
+    module = load_script("translation_grid")
     out = tmp_path / "out"
     rows = module.run_grid(str(grid), [], str(out))
     students = {r["loss"]: r for r in rows if r["role"] == "student"}
@@ -129,7 +121,7 @@ def test_grid_refuses_a_loss_on_undefined_data(tmp_path):
     grid.write_text(yaml.safe_dump({"teachers": {"a": "a.yaml"}, "students": {"s": {}},
                                     "losses": {"seq-kd": {"loss": "ce", "data": "seq-kd"}}}))  # fmt: skip
     with pytest.raises(ValueError, match="data 'seq-kd'.*defines none"):
-        load_script().run_grid(str(grid), [], str(tmp_path / "out"))
+        load_script("translation_grid").run_grid(str(grid), [], str(tmp_path / "out"))
 
 
 def test_grid_with_a_full_teacher_cache_trains_the_live_teachers_student(recipe, tmp_path, monkeypatch):  # noqa: F811
@@ -143,7 +135,7 @@ def test_grid_with_a_full_teacher_cache_trains_the_live_teachers_student(recipe,
     base = {"teachers": {"ce": "ce.yaml"}, "students": {"tiny": {"model": "marian-tiny"}},
             "losses": {"kd": {"loss": "kd", "ce_weight": 0.5, "kd_weight": 0.5}}, "training": {"num_train_epochs": 1}}  # fmt: skip
     (tmp_path / "live.yaml").write_text(yaml.safe_dump(base))
-    module = load_script()
+    module = load_script("translation_grid")
     live_rows = module.run_grid(str(tmp_path / "live.yaml"), [], str(tmp_path / "live"))
     vocab_size = json.loads((tmp_path / "live" / "teacher-ce" / "model" / "config.json").read_text())["vocab_size"]
     (tmp_path / "cached.yaml").write_text(
