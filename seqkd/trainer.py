@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import (
@@ -71,8 +72,6 @@ def attention_kernel_context(args, inputs: dict):
     lengths = [inputs[key].shape[1] for key in _SEQUENCE_KEYS if torch.is_tensor(inputs.get(key)) and inputs[key].dim() > 1]
     if not lengths or max(lengths) > _CPU_BF16_MATH_ATTENTION_MAX_LENGTH:
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel([SDPBackend.MATH])
 
 

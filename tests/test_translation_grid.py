@@ -9,7 +9,6 @@ from test_translation_cli import parallel_dir, recipe  # noqa: F401  (fixtures)
 from conftest import load_script
 
 
-
 def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, tmp_path, capsys):  # noqa: F811
     teacher = yaml.safe_load(recipe.read_text())
     (tmp_path / "ls.yaml").write_text(yaml.safe_dump({**teacher, "loss": "ls", "label_smoothing": 0.1, "num_train_epochs": 2}))
