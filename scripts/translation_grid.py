@@ -267,13 +267,14 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
               "|---|---|---|---|---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
     ce_only = {r["name"]: r["test_bleu"] for r in students if r["teacher"] == ""}
     for r in students:
-        delta = r["test_bleu"] - ce_only.get(r["name"], float("nan"))
+        # A grid without a CE-only row (the GKD grid) has no twin to compare with: '-' rather than nan.
+        delta = "" if r["teacher"] == "" else "-" if r["name"] not in ce_only else f"{r['test_bleu'] - ce_only[r['name']]:+.2f}"
         targets = "gold" if r.get("data", "gold") == "gold" else f"{r['data']} from {r['teacher']}"
         if r.get("teacher_cache"):
             targets += " (teacher cache)"
         lines.append(
             f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {targets} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} |"
-            f"{beam_cells(r)} {'' if r['teacher'] == '' else f'{delta:+.2f}'} | {_number(r.get('train_runtime_s'), '.0f')} |"
+            f"{beam_cells(r)} {delta} | {_number(r.get('train_runtime_s'), '.0f')} |"
         )
     lines += _teacher_comparison(teachers, students)
     os.makedirs(output, exist_ok=True)

@@ -162,3 +162,22 @@ def test_grid_with_a_full_teacher_cache_trains_the_live_teachers_student(recipe,
     stamp = (tmp_path / "cached" / "cache-from-ce.json").stat().st_mtime_ns
     module.run_grid(str(tmp_path / "cached.yaml"), [], str(tmp_path / "cached"))  # finished: the cache is not rewritten
     assert (tmp_path / "cached" / "cache-from-ce.json").stat().st_mtime_ns == stamp
+
+
+def test_students_without_a_ce_only_twin_show_a_dash_not_nan(tmp_path):
+    rows = [
+        {"role": "teacher", "name": "ce", "loss": "ce", "teacher": "", "run": "teacher-ce", "test_bleu": 38.0,
+         "test_chrf": 58.0, "test_perplexity": 6.0, "validation_bleu": 37.5, "stability": 0.8, "train_runtime_s": 10.0},
+        {"role": "student", "name": "s", "loss": "kd-beta0", "teacher": "ce", "data": "gold", "run": "s-kd",
+         "test_bleu": 31.16, "test_chrf": 49.2, "train_runtime_s": 812.0},
+        {"role": "student", "name": "t", "loss": "ce", "teacher": "", "data": "gold", "run": "t-ce",
+         "test_bleu": 25.0, "test_chrf": 45.0, "train_runtime_s": 5.0},
+        {"role": "student", "name": "t", "loss": "kd", "teacher": "ce", "data": "gold", "run": "t-kd",
+         "test_bleu": 26.5, "test_chrf": 46.0, "train_runtime_s": 9.0},
+    ]  # fmt: skip
+    load_script("translation_grid").write_results(rows, str(tmp_path), quiet=True)
+    table = (tmp_path / "results.md").read_text()
+    assert "nan" not in table
+    assert "| s | kd-beta0 | ce | gold | 31.16 | 49.20 | - | 812 |" in table
+    assert "| t | kd | ce | gold | 26.50 | 46.00 | +1.50 | 9 |" in table
+    assert "| t | ce | - | gold | 25.00 | 45.00 |  | 5 |" in table
