@@ -267,8 +267,10 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
               "|---|---|---|---|---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
     ce_only = {r["name"]: r["test_bleu"] for r in students if r["teacher"] == ""}
     for r in students:
-        # A grid without a CE-only row (the GKD grid) has no twin to compare with: '-' rather than nan.
-        delta = "" if r["teacher"] == "" else "-" if r["name"] not in ce_only else f"{r['test_bleu'] - ce_only[r['name']]:+.2f}"
+        delta = ""  # a CE-only row is the twin itself
+        if r["teacher"]:
+            # A grid without a CE-only row (the GKD grid) has no twin to compare with: '-' rather than nan.
+            delta = f"{r['test_bleu'] - ce_only[r['name']]:+.2f}" if r["name"] in ce_only else "-"
         targets = "gold" if r.get("data", "gold") == "gold" else f"{r['data']} from {r['teacher']}"
         if r.get("teacher_cache"):
             targets += " (teacher cache)"

@@ -272,6 +272,7 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
         "train_runtime_s": output.metrics.get("train_runtime"),
         "world_size": args.world_size,
         "epochs": trainer.state.epoch,
+        **trainer.generation_summary(),
     }
     if args.early_stopping_patience is not None:
         best = trainer.state.best_model_checkpoint

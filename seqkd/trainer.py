@@ -331,8 +331,6 @@ def _has_bf16_accelerator() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
-
-
 def _is_stream(dataset) -> bool:
     from seqkd.data.text import StreamBatches
     from seqkd.teacher_cache import CachedStreamBatches
@@ -432,7 +430,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._carry_state = self._stateful and _is_stream(self.train_dataset)
         self.teacher_signal = self._build_teacher_signal()
         self._fused_linear = self._fused_linear_mode(model)
-        self._generation_seconds = self._step_seconds = 0.0
+        self._generation_seconds = self._step_seconds = self._total_step_seconds = 0.0
         self._logged_batches: dict[str, int] = {}
         self._student_state = self._teacher_state = None
         self._keep_loaded_state = False
@@ -746,8 +744,21 @@ class DistillationTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         started = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._step_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self._step_seconds += seconds
+        self._total_step_seconds += seconds
         return loss
+
+    def generation_summary(self) -> dict[str, float]:
+        """The whole run's share of training-step time spent generating and share of batches the student sampled
+        (this process, since it started or resumed): the per-log figures, over every step."""
+        signal = self.teacher_signal
+        if signal.kind != "generated" or self._total_step_seconds <= 0:
+            return {}
+        summary = {"generation_share": round(signal.generation_seconds / self._total_step_seconds, 4)}
+        if sum(signal.batches.values()):
+            summary["on_policy_fraction"] = round(signal.batches["student"] / sum(signal.batches.values()), 4)
+        return summary
 
     def _generation_logs(self) -> dict[str, float]:
         """The share of training-step time spent generating targets, and where the batches' targets came from,

@@ -299,6 +299,8 @@ def test_on_policy_translation_from_the_command_line(recipe, tmp_path):  # noqa:
           "--gkd_max_new_tokens", "12", "--output_dir", str(tmp_path / "student")])  # fmt: skip
     metrics = json.loads((tmp_path / "student" / "model" / "metrics.json").read_text())
     assert math.isfinite(metrics["test_perplexity"]) and 0 <= metrics["test_bleu"] <= 100
+    # The whole run's generation figures, as the logs give them per window.
+    assert 0 < metrics["generation_share"] < 1 and 0 <= metrics["on_policy_fraction"] <= 1
 
 
 def test_on_policy_language_model_from_the_command_line(cyclic_corpus_dir, tmp_path, capsys):
