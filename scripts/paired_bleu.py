@@ -81,17 +81,20 @@ def paired_rows(
     if pairs is not None:
         return [compare(baseline, system) for baseline, system in pairs]
     first, second = teachers
-    students = [r for r in rows if r["role"] == "student"]
-    run = {(r["name"], r["loss"], r["teacher"]): r["run"] for r in students}
     compared = []
-    for student in dict.fromkeys(r["name"] for r in students):
-        distilled = [r for r in students if r["name"] == student and r["teacher"]]
-        for loss in dict.fromkeys(r["loss"] for r in distilled):
-            if (student, loss, first) in run and (student, loss, second) in run:
-                compared.append(compare(run[student, loss, second], run[student, loss, first]))
-        ce_only = next((r["run"] for r in students if r["name"] == student and not r["teacher"]), None)
-        if ce_only is not None:
-            compared += [compare(ce_only, r["run"]) for r in distilled]
+    all_students = [r for r in rows if r["role"] == "student"]
+    # A grid trained with several seeds pairs runs of the same seed only.
+    for seed in dict.fromkeys(r.get("seed") for r in all_students):
+        students = [r for r in all_students if r.get("seed") == seed]
+        run = {(r["name"], r["loss"], r["teacher"]): r["run"] for r in students}
+        for student in dict.fromkeys(r["name"] for r in students):
+            distilled = [r for r in students if r["name"] == student and r["teacher"]]
+            for loss in dict.fromkeys(r["loss"] for r in distilled):
+                if (student, loss, first) in run and (student, loss, second) in run:
+                    compared.append(compare(run[student, loss, second], run[student, loss, first]))
+            ce_only = next((r["run"] for r in students if r["name"] == student and not r["teacher"]), None)
+            if ce_only is not None:
+                compared += [compare(ce_only, r["run"]) for r in distilled]
     return compared
 
 

@@ -12,7 +12,9 @@ word-level students on gold targets read a cache of their teacher, written once 
 at every step. ``eval_num_beams`` adds test BLEU and chrF with those beams. OUTPUT/results.md,
 OUTPUT/rows.json and OUTPUT/bleu.png are rewritten after every finished run. Fields after the recipe override
 every run. A restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an
-interrupted distilled corpus from its last whole shard).
+interrupted distilled corpus from its last whole shard). ``seeds`` (a list) trains every student once per seed: the
+run with the recipe's own seed keeps its plain folder name (so runs made before seeds were listed count), the others
+get ``-seedN``; results.md then adds each cell's mean and standard deviation over its seeds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -28,7 +31,9 @@ import yaml
 from seqkd.cli import command_cache_teacher, command_distill_data, command_evaluate, command_train
 from seqkd.sequence_kd import MANIFEST_FILE
 
-GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams", "teacher_cache"}
+GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams", "teacher_cache",
+             "seeds"}  # fmt: skip
+DEFAULT_SEED = 42  # TrainingArguments' own, for a recipe that names none
 TEACHER_FREE_LOSSES = ("ce", "ls")
 
 
@@ -69,7 +74,24 @@ def _read_grid(recipe_path: str) -> dict:
     beams = grid.get("eval_num_beams") or []
     if not all(isinstance(k, int) and k >= 1 for k in beams):
         raise ValueError(f"eval_num_beams of grid recipe {recipe_path} must list beam sizes >= 1, got {beams}")
+    seeds = grid.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):  # fmt: skip
+        raise ValueError(f"seeds of grid recipe {recipe_path} must be a non-empty list of distinct integers, got {seeds!r}")
     return grid
+
+
+def _recipe_seed(recipe: str, fields: dict, overrides: list[str]) -> int:
+    """The seed a run gets without a ``seeds`` list: the command line's, else the grid's fields', else the recipe's."""
+    for i, arg in enumerate(overrides):
+        if arg == "--seed" and i + 1 < len(overrides):
+            return int(overrides[i + 1])
+        if arg.startswith("--seed="):
+            return int(arg.split("=", 1)[1])
+    if "seed" in fields:
+        return int(fields["seed"])
+    with open(recipe) as f:
+        return int((yaml.safe_load(f) or {}).get("seed", DEFAULT_SEED))
 
 
 def _student_cells(grid: dict, teacher: str | None):
@@ -81,6 +103,15 @@ def _student_cells(grid: dict, teacher: str | None):
             taught = loss_fields.get("loss") not in TEACHER_FREE_LOSSES or data != "gold"
             if taught == (teacher is not None):
                 yield student, loss_name, {k: v for k, v in loss_fields.items() if k != "data"}, data
+
+
+def _seeded(cells, seeds: list[int] | None):
+    """Each cell once per seed (None: the recipe's own), seed by seed: a grid cut short has every cell at its first
+    seed before any cell gets a second."""
+    cells = list(cells)
+    for seed in seeds or [None]:
+        for cell in cells:
+            yield (*cell, seed)
 
 
 def _beam_metrics(run_dir: str, recipe: str, overrides: list[str], num_beams: int) -> dict:
@@ -164,11 +195,16 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
         return {**_metrics(run_dir), **extra}
 
     def train_students(teacher: str | None, teacher_model: str | None):
-        for student, loss_name, loss_fields, data in _student_cells(grid, teacher):
-            run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else ""))
+        for student, loss_name, loss_fields, data, seed in _seeded(_student_cells(grid, teacher), grid.get("seeds")):
+            fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
+            own_seed = _recipe_seed(base_recipe, fields, overrides)
+            seed = own_seed if seed is None else seed
+            run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else "")
+                                   + (f"-seed{seed}" if seed != own_seed else ""))  # fmt: skip
             if _metrics(run_dir) is None:
-                print(f"\n=== student {student}, {loss_name}" + (f" from teacher {teacher}" if teacher else "") + " ===", flush=True)
-                fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
+                print(f"\n=== student {student}, {loss_name}" + (f" from teacher {teacher}" if teacher else "")
+                      + (f", seed {seed}" if seed != own_seed else "") + " ===", flush=True)  # fmt: skip
+                fields["seed"] = seed
                 distill = loss_fields.get("loss") not in TEACHER_FREE_LOSSES
                 if distill:
                     fields["teacher_model_name_or_path"] = teacher_model
@@ -195,7 +231,8 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             cached = bool(teacher and data == "gold" and loss_fields.get("loss") not in TEACHER_FREE_LOSSES
                           and grid.get("teacher_cache"))  # fmt: skip
             rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "", "data": data,
-                         "teacher_cache": cached, "run": os.path.basename(run_dir), **scored(run_dir, base_recipe)})  # fmt: skip
+                         "seed": seed, "teacher_cache": cached, "run": os.path.basename(run_dir),
+                         **scored(run_dir, base_recipe)})  # fmt: skip
             write_results(rows, output, quiet=True)
 
     train_students(None, None)
@@ -262,22 +299,29 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
             sampled = r["sampling"]["samples"] if r.get("sampling") else "-"
             lines.append(f"| {r['teacher']} | {r['top_k']} | {sampled} | {r['dtype']} | {r['bytes_per_token']:.0f} | "
                          f"{_number(r.get('write_seconds'), '.0f')} |")  # fmt: skip
+    seeded = len({r.get("seed") for r in students}) > 1  # a seed column only where the grid ran several
+    seed_head, seed_rule = (" seed |", "---|") if seeded else ("", "")
     lines += ["", "## Students", "",
-              f"| student | loss | teacher | training targets | test BLEU | test chrF |{beam_heads} vs CE-only BLEU | train time (s) |",
-              "|---|---|---|---|---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
-    ce_only = {r["name"]: r["test_bleu"] for r in students if r["teacher"] == ""}
+              f"| student | loss | teacher | training targets |{seed_head} test BLEU | test chrF |{beam_heads} vs CE-only BLEU | train time (s) |",
+              "|---|---|---|---|" + seed_rule + "---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
+    # The CE-only twin of the same seed where there is one, else the twin's first seed.
+    ce_only = {}
+    for r in students:
+        if r["teacher"] == "":
+            ce_only.setdefault(r["name"], r["test_bleu"])
+            ce_only[r["name"], r.get("seed")] = r["test_bleu"]
     for r in students:
         delta = ""  # a CE-only row is the twin itself
         if r["teacher"]:
             # A grid without a CE-only row (the GKD grid) has no twin to compare with: '-' rather than nan.
-            delta = f"{r['test_bleu'] - ce_only[r['name']]:+.2f}" if r["name"] in ce_only else "-"
-        targets = "gold" if r.get("data", "gold") == "gold" else f"{r['data']} from {r['teacher']}"
-        if r.get("teacher_cache"):
-            targets += " (teacher cache)"
+            twin = ce_only.get((r["name"], r.get("seed")), ce_only.get(r["name"]))
+            delta = "-" if twin is None else f"{r['test_bleu'] - twin:+.2f}"
+        seed_cell = f" {r.get('seed')} |" if seeded else ""
         lines.append(
-            f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {targets} | {r['test_bleu']:.2f} | {r['test_chrf']:.2f} |"
-            f"{beam_cells(r)} {delta} | {_number(r.get('train_runtime_s'), '.0f')} |"
+            f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {_targets(r)} |{seed_cell} {r['test_bleu']:.2f} | "
+            f"{r['test_chrf']:.2f} |{beam_cells(r)} {delta} | {_number(r.get('train_runtime_s'), '.0f')} |"
         )
+    lines += _over_seeds(students, beams)
     lines += _teacher_comparison(teachers, students)
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.md"), "w") as f:
@@ -287,6 +331,33 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
     _plot(teachers, students, output)
     if not quiet:
         print("\n".join(lines))
+
+
+def _targets(r: dict) -> str:
+    targets = "gold" if r.get("data", "gold") == "gold" else f"{r['data']} from {r['teacher']}"
+    return targets + (" (teacher cache)" if r.get("teacher_cache") else "")
+
+
+def _over_seeds(students: list[dict], beams: list[int]) -> list[str]:
+    """Mean and sample standard deviation of each cell (student, loss, teacher, targets) trained with several seeds."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in students:
+        cells.setdefault((r["name"], r["loss"], r["teacher"], _targets(r)), []).append(r)
+    several = {cell: runs for cell, runs in cells.items() if len({r.get("seed") for r in runs}) > 1}
+    if not several:
+        return []
+    metrics = ["test_bleu", "test_chrf"] + [f"test_bleu_beam{k}" for k in beams]
+    heads = " test BLEU | test chrF |" + "".join(f" test BLEU beam {k} |" for k in beams)
+    lines = ["", "## Over seeds: mean ± sample standard deviation", "",
+             f"| student | loss | teacher | training targets | seeds |{heads}", "|---|---|---|---|---|" + "---|" * len(metrics)]  # fmt: skip
+    for (name, loss, teacher, targets), runs in several.items():
+        cells_text = ""
+        for metric in metrics:
+            values = [r[metric] for r in runs if r.get(metric) is not None]
+            cells_text += f" {statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} |" if len(values) > 1 else " |"
+        seeds = ", ".join(str(r.get("seed")) for r in runs)
+        lines.append(f"| {name} | {loss} | {teacher or '-'} | {targets} | {seeds} |{cells_text}")
+    return lines
 
 
 def _number(value, spec: str) -> str:
@@ -316,8 +387,10 @@ def _plot(teachers: list[dict], students: list[dict], output: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    seeded = len({r.get("seed") for r in students}) > 1
     labels = [f"teacher {r['name']}" for r in teachers] + [
-        f"{r['name']}\n{r['loss']}" + (f" <- {r['teacher']}" if r["teacher"] else "") for r in students
+        f"{r['name']}\n{r['loss']}" + (f" <- {r['teacher']}" if r["teacher"] else "") + (f" s{r.get('seed')}" if seeded else "")
+        for r in students
     ]
     values = [r["test_bleu"] for r in teachers + students]
     colors = ["0.4"] * len(teachers) + [

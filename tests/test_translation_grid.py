@@ -1,8 +1,10 @@
 """scripts/translation_grid.py: two teachers, a student by CE and by KD from each, results table and plot."""
 
+import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from test_translation_cli import parallel_dir, recipe  # noqa: F401  (fixtures)
@@ -181,3 +183,56 @@ def test_students_without_a_ce_only_twin_show_a_dash_not_nan(tmp_path):
     assert "| s | kd-beta0 | ce | gold | 31.16 | 49.20 | - | 812 |" in table
     assert "| t | kd | ce | gold | 26.50 | 46.00 | +1.50 | 9 |" in table
     assert "| t | ce | - | gold | 25.00 | 45.00 |  | 5 |" in table
+
+
+def test_seeds_train_each_cell_per_seed_reuse_the_recipe_seed_run_and_report_mean_and_sd(recipe, tmp_path):  # noqa: F811
+    teacher = yaml.safe_load(recipe.read_text())  # its seed is 0
+    (tmp_path / "ce.yaml").write_text(yaml.safe_dump({**teacher, "loss": "ce", "label_smoothing": 0.0, "num_train_epochs": 2}))
+    grid = {"teachers": {"ce": "ce.yaml"}, "students": {"tiny": {"model": "marian-tiny"}},
+            "losses": {"kd": {"loss": "kd", "ce_weight": 0.5, "kd_weight": 0.5}}, "training": {"num_train_epochs": 1}}  # fmt: skip
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(grid))
+    module = load_script("translation_grid")
+    out = tmp_path / "out"
+    module.run_grid(str(tmp_path / "one.yaml"), [], str(out))  # before seeds were listed: the recipe's seed, plain name
+    stamp = (out / "tiny-kd-from-ce" / "model" / "metrics.json").stat().st_mtime_ns
+
+    (tmp_path / "seeds.yaml").write_text(yaml.safe_dump({**grid, "seeds": [0, 7]}))
+    rows = module.run_grid(str(tmp_path / "seeds.yaml"), [], str(out))
+    # seed 0 is the recipe's own: the run made before is that seed's, not trained again; seed 7 gets its own folder
+    assert (out / "tiny-kd-from-ce" / "model" / "metrics.json").stat().st_mtime_ns == stamp
+    students = [r for r in rows if r["role"] == "student"]
+    assert [(r["run"], r["seed"]) for r in students] == [("tiny-kd-from-ce", 0), ("tiny-kd-from-ce-seed7", 7)]
+    # the seed reached the trainer (our own file, written by Trainer.save_model: safe to unpickle)
+    assert torch.load(out / "tiny-kd-from-ce-seed7" / "model" / "training_args.bin", weights_only=False).seed == 7
+    a, b = (r["test_bleu"] for r in students)
+    results = (out / "results.md").read_text()
+    assert "| tiny | kd | ce | gold | 0 |" in results and "| tiny | kd | ce | gold | 7 |" in results
+    assert f"| tiny | kd | ce | gold | 0, 7 | {statistics.mean([a, b]):.2f} ± {statistics.stdev([a, b]):.2f} |" in results
+
+
+def test_over_seeds_table_and_same_seed_ce_twins(tmp_path):
+    def student(loss, teacher, seed, bleu):
+        return {"role": "student", "name": "s", "loss": loss, "teacher": teacher, "data": "gold", "seed": seed,
+                "run": f"s-{loss}-{seed}", "test_bleu": bleu, "test_chrf": bleu + 20, "test_bleu_beam5": bleu + 1,
+                "test_chrf_beam5": bleu + 21, "train_runtime_s": 1.0}  # fmt: skip
+
+    teacher = {"role": "teacher", "name": "t", "loss": "ce", "teacher": "", "run": "teacher-t", "test_bleu": 35.0,
+               "test_chrf": 55.0, "test_perplexity": 6.0, "stability": 0.8}  # fmt: skip
+    rows = [teacher, student("ce", "", 1, 20.0), student("ce", "", 2, 22.0), student("kd", "t", 1, 25.0),
+            student("kd", "t", 2, 28.0), student("kd", "t", 3, 31.0)]  # fmt: skip
+    load_script("translation_grid").write_results(rows, str(tmp_path), quiet=True)
+    table = (tmp_path / "results.md").read_text()
+    # each distilled run against the CE-only run of its own seed; a seed without one against the first seed's
+    assert "| s | kd | t | gold | 2 | 28.00 | 48.00 | 29.00 | 49.00 | +6.00 | 1 |" in table
+    assert "| s | kd | t | gold | 3 | 31.00 | 51.00 | 32.00 | 52.00 | +11.00 | 1 |" in table
+    assert "| s | kd | t | gold | 1, 2, 3 | 28.00 ± 3.00 | 48.00 ± 3.00 | 29.00 ± 3.00 |" in table
+    assert "| s | ce | - | gold | 1, 2 | 21.00 ± 1.41 | 41.00 ± 1.41 | 22.00 ± 1.41 |" in table
+
+
+@pytest.mark.parametrize("seeds", [[], [1, 1], "1", [1.5], [True]])
+def test_grid_refuses_bad_seeds(tmp_path, seeds):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"teachers": {"ce": "ce.yaml"}, "students": {"s": {"model": "marian-tiny"}},
+                                    "losses": {"kd": {"loss": "kd"}}, "seeds": seeds}))  # fmt: skip
+    with pytest.raises(ValueError, match="seeds of grid recipe .* must be a non-empty list of distinct integers"):
+        load_script("translation_grid")._read_grid(str(grid))
