@@ -367,7 +367,10 @@ def _number(value, spec: str) -> str:
 def _teacher_comparison(teachers: list[dict], students: list[dict]) -> list[str]:
     """Each student and loss taught by every teacher, side by side: which teacher distils the better student."""
     names = [t["name"] for t in teachers]
-    bleu = {(r["name"], r["loss"], r["teacher"]): r["test_bleu"] for r in students if r["teacher"]}
+    bleu = {}
+    for r in students:  # a grid with several seeds: each cell's first seed, the one its runs share
+        if r["teacher"]:
+            bleu.setdefault((r["name"], r["loss"], r["teacher"]), r["test_bleu"])
     cells = list(dict.fromkeys((student, loss) for student, loss, _ in bleu))
     if len(names) != 2 or not cells:
         return []
