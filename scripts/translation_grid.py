@@ -28,12 +28,11 @@ import time
 
 import yaml
 
-from seqkd.cli import command_cache_teacher, command_distill_data, command_evaluate, command_train
+from seqkd.cli import command_cache_teacher, command_distill_data, command_evaluate, command_train, parse_command_line
 from seqkd.sequence_kd import MANIFEST_FILE
 
 GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams", "teacher_cache",
              "seeds"}  # fmt: skip
-DEFAULT_SEED = 42  # TrainingArguments' own, for a recipe that names none
 TEACHER_FREE_LOSSES = ("ce", "ls")
 
 
@@ -79,19 +78,6 @@ def _read_grid(recipe_path: str) -> dict:
                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):  # fmt: skip
         raise ValueError(f"seeds of grid recipe {recipe_path} must be a non-empty list of distinct integers, got {seeds!r}")
     return grid
-
-
-def _recipe_seed(recipe: str, fields: dict, overrides: list[str]) -> int:
-    """The seed a run gets without a ``seeds`` list: the command line's, else the grid's fields', else the recipe's."""
-    for i, arg in enumerate(overrides):
-        if arg == "--seed" and i + 1 < len(overrides):
-            return int(overrides[i + 1])
-        if arg.startswith("--seed="):
-            return int(arg.split("=", 1)[1])
-    if "seed" in fields:
-        return int(fields["seed"])
-    with open(recipe) as f:
-        return int((yaml.safe_load(f) or {}).get("seed", DEFAULT_SEED))
 
 
 def _student_cells(grid: dict, teacher: str | None):
@@ -197,7 +183,10 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
     def train_students(teacher: str | None, teacher_model: str | None):
         for student, loss_name, loss_fields, data, seed in _seeded(_student_cells(grid, teacher), grid.get("seeds")):
             fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
-            own_seed = _recipe_seed(base_recipe, fields, overrides)
+            distill = loss_fields.get("loss") not in TEACHER_FREE_LOSSES
+            # The seed the run's own command line gives it (recipe, grid fields, then the overrides).
+            own_seed = parse_command_line("distill" if distill else "train",
+                                          [base_recipe, *_argv(fields), *overrides, "--output_dir", output])[2].seed  # fmt: skip
             seed = own_seed if seed is None else seed
             run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else "")
                                    + (f"-seed{seed}" if seed != own_seed else ""))  # fmt: skip
@@ -205,7 +194,6 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
                 print(f"\n=== student {student}, {loss_name}" + (f" from teacher {teacher}" if teacher else "")
                       + (f", seed {seed}" if seed != own_seed else "") + " ===", flush=True)  # fmt: skip
                 fields["seed"] = seed
-                distill = loss_fields.get("loss") not in TEACHER_FREE_LOSSES
                 if distill:
                     fields["teacher_model_name_or_path"] = teacher_model
                 if distill and data == "gold" and grid.get("teacher_cache"):

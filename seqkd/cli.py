@@ -439,7 +439,8 @@ def command_evaluate(argv: list[str]) -> dict:
             max_new_tokens=args.generation_max_length or 128, batch_size=args.per_device_eval_batch_size,
             tokenize=tokenize,
         )  # fmt: skip
-        metrics.update({"bleu": bleu["bleu"], "chrf": bleu["chrf"], "bleu_signature": bleu["signature"]})
+        metrics.update({"bleu": bleu["bleu"], "chrf": bleu["chrf"], "bleu_signature": bleu["signature"],
+                        "length_ratio": bleu["length_ratio"]})  # fmt: skip
         loader = evaluation_dataloader(
             evals[split], args.per_device_eval_batch_size, collate_fn=translation_collator(tokenizer)
         )

@@ -465,7 +465,8 @@ def bleu_eval(
 
     Returns:
         ``{"bleu": float, "chrf": float, "signature": BLEU signature, "chrf_signature": str,
-        "num_sentences": int}`` plus ``"hypotheses": [str]`` with ``return_hypotheses``.
+        "num_sentences": int, "length_ratio": hypothesis / reference length}`` plus ``"hypotheses": [str]``
+        with ``return_hypotheses``.
     """
     names = getattr(dataset_split, "column_names", None)
     if isinstance(names, dict):
@@ -495,6 +496,8 @@ def bleu_eval(
         "signature": bleu["signature"],
         "chrf_signature": chrf["signature"],
         "num_sentences": len(hyps),
+        # Hypothesis / reference length (sacreBLEU's tokens): above 1, some outputs ramble or loop to the limit.
+        "length_ratio": bleu["sys_len"] / max(bleu["ref_len"], 1),
     }
     if return_hypotheses:
         out["hypotheses"] = hyps

@@ -270,10 +270,9 @@ def load_saved_model(path: str, *, allow_pickle: bool = False, dtype=None) -> Pr
     config = AutoConfig.from_pretrained(path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     kwargs = {} if dtype is None else {"dtype": dtype}
-    from seqkd.models import freeze_unsaved_parameters, realign_weights
+    from seqkd.models import realign_weights
 
-    model = auto.from_pretrained(path, use_safetensors=None if allow_pickle else True, **kwargs)
-    return freeze_unsaved_parameters(realign_weights(model))
+    return realign_weights(auto.from_pretrained(path, use_safetensors=None if allow_pickle else True, **kwargs))
 
 
 def is_translation(data_args: DataArguments, model_args: ModelArguments) -> bool:

@@ -417,6 +417,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             _check_same_decoder_start(model, teacher_model)
             if TEACHER_DTYPES[args.teacher_dtype] is not None:
                 teacher_model = teacher_model.to(TEACHER_DTYPES[args.teacher_dtype])
+        from seqkd.models import freeze_unsaved_parameters
+
+        # Before the optimizer sees them: a student loaded from a folder may hold parameters its checkpoint drops.
+        freeze_unsaved_parameters(model)
         super().__init__(model=model, args=args, **kwargs)
         if self.teacher_cache is not None:
             self.train_dataset = self.teacher_cache.attach(self.train_dataset)

@@ -77,9 +77,13 @@ def test_a_model_trained_further_from_its_folder_saves_what_it_trained(recipe, t
     # they must stay frozen, or the saved model is not the one whose scores metrics.json reports.
     torch.set_num_threads(1)
     main(["train", str(recipe), "--output_dir", str(tmp_path / "first"), "--num_train_epochs", "2"])
-    from seqkd.pipeline import load_saved_model
+    # The trainer freezes them however the student was loaded (here transformers' own from_pretrained).
+    from transformers import AutoModelForSeq2SeqLM
 
-    loaded = load_saved_model(str(tmp_path / "first" / "model"))
+    from seqkd.trainer import DistillationArguments, DistillationTrainer
+
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "first" / "model")
+    DistillationTrainer(model=loaded, args=DistillationArguments(output_dir=str(tmp_path / "t"), loss="ce", use_cpu=True))
     frozen = {name for name, p in loaded.named_parameters() if not p.requires_grad}
     assert frozen == {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"}
 

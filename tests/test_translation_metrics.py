@@ -243,7 +243,12 @@ def test_bleu_eval(pair_tokenizer):
     assert res["hypotheses"] == PAIRS_DE and res["num_sentences"] == 4
     other = {"source": PAIRS_DE, "target": PAIRS_EN}
     res = bleu_eval(EchoSeq2Seq(), pair_tokenizer, other, tokenize="none", show_progress=False)
-    assert set(res) == {"bleu", "chrf", "signature", "chrf_signature", "num_sentences"}
+    assert set(res) == {"bleu", "chrf", "signature", "chrf_signature", "num_sentences", "length_ratio"}
+    longer = [target + " and more" for target in PAIRS_EN]  # references 2 tokens longer: a ratio under 1
+    stretched = bleu_eval(EchoSeq2Seq(), pair_tokenizer, {"source": PAIRS_DE, "target": longer}, tokenize="none",
+                          show_progress=False)  # fmt: skip
+    reference = corpus_bleu(PAIRS_DE, longer, tokenize="none")
+    assert stretched["length_ratio"] == pytest.approx(reference["sys_len"] / reference["ref_len"]) == pytest.approx(18 / 26)
     assert res["bleu"] == pytest.approx(corpus_bleu(PAIRS_DE, PAIRS_EN, tokenize="none")["score"])
     assert res["chrf"] == pytest.approx(corpus_chrf(PAIRS_DE, PAIRS_EN)["score"])
     assert res["signature"] == corpus_bleu(PAIRS_DE, PAIRS_EN, tokenize="none")["signature"]

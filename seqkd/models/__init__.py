@@ -61,7 +61,8 @@ def freeze_unsaved_parameters(model: torch.nn.Module) -> torch.nn.Module:
     Marian's sinusoidal position tables are such parameters: a fresh model freezes them, but ``from_pretrained``
     (transformers 5) rebuilds them as trainable. A model loaded to train further (a warm-started student) would
     then learn position tables that its checkpoint drops, and the saved model would not be the trained one: its
-    test BLEU moved by 0.15 on reload in the GKD warm-start grid. Frozen, they stay the computed tables.
+    test BLEU moved by 0.15 on reload in the GKD warm-start grid. ``DistillationTrainer`` calls this on every
+    student, however it was loaded; frozen, the tables stay the computed ones.
     """
     unsaved = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
     for name, parameter in model.named_parameters(remove_duplicate=False):
