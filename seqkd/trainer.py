@@ -331,6 +331,14 @@ def _has_bf16_accelerator() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xla_available()
 
 
+def _generation_figures(generation_seconds: float, step_seconds: float, batches: dict[str, int]) -> dict[str, float]:
+    """Share of step time spent generating, and share of the batches whose targets the student sampled."""
+    figures = {"generation_share": round(generation_seconds / step_seconds, 4) if step_seconds > 0 else 0.0}
+    if sum(batches.values()):
+        figures["on_policy_fraction"] = round(batches["student"] / sum(batches.values()), 4)
+    return figures
+
+
 def _is_stream(dataset) -> bool:
     from seqkd.data.text import StreamBatches
     from seqkd.teacher_cache import CachedStreamBatches
@@ -434,7 +442,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._carry_state = self._stateful and _is_stream(self.train_dataset)
         self.teacher_signal = self._build_teacher_signal()
         self._fused_linear = self._fused_linear_mode(model)
-        self._generation_seconds = self._step_seconds = self._total_step_seconds = 0.0
+        # Running totals of step and generation time, and their values at the last log (the log reports the window).
+        self._step_seconds = self._logged_step_seconds = self._logged_generation_seconds = 0.0
         self._logged_batches: dict[str, int] = {}
         self._student_state = self._teacher_state = None
         self._keep_loaded_state = False
@@ -748,21 +757,16 @@ class DistillationTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         started = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        seconds = time.perf_counter() - started
-        self._step_seconds += seconds
-        self._total_step_seconds += seconds
+        self._step_seconds += time.perf_counter() - started
         return loss
 
     def generation_summary(self) -> dict[str, float]:
         """The whole run's share of training-step time spent generating and share of batches the student sampled
         (this process, since it started or resumed): the per-log figures, over every step."""
         signal = self.teacher_signal
-        if signal.kind != "generated" or self._total_step_seconds <= 0:
+        if signal.kind != "generated" or self._step_seconds <= 0:
             return {}
-        summary = {"generation_share": round(signal.generation_seconds / self._total_step_seconds, 4)}
-        if sum(signal.batches.values()):
-            summary["on_policy_fraction"] = round(signal.batches["student"] / sum(signal.batches.values()), 4)
-        return summary
+        return _generation_figures(signal.generation_seconds, self._step_seconds, signal.batches)
 
     def _generation_logs(self) -> dict[str, float]:
         """The share of training-step time spent generating targets, and where the batches' targets came from,
@@ -770,14 +774,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         signal = self.teacher_signal
         if signal.kind != "generated":
             return {}
-        seconds = signal.generation_seconds - self._generation_seconds
-        self._generation_seconds = signal.generation_seconds
-        logs = {"generation_share": round(seconds / self._step_seconds, 4) if self._step_seconds > 0 else 0.0}
-        self._step_seconds = 0.0
         counts = {source: n - self._logged_batches.get(source, 0) for source, n in signal.batches.items()}
+        logs = _generation_figures(signal.generation_seconds - self._logged_generation_seconds,
+                                   self._step_seconds - self._logged_step_seconds, counts)  # fmt: skip
+        self._logged_generation_seconds, self._logged_step_seconds = signal.generation_seconds, self._step_seconds
         self._logged_batches = dict(signal.batches)
-        if sum(counts.values()):
-            logs["on_policy_fraction"] = round(counts["student"] / sum(counts.values()), 4)
         return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
