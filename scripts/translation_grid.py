@@ -289,9 +289,12 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
                          f"{_number(r.get('write_seconds'), '.0f')} |")  # fmt: skip
     seeded = len({r.get("seed") for r in students}) > 1  # a seed column only where the grid ran several
     seed_head, seed_rule = (" seed |", "---|") if seeded else ("", "")
+    # Students that stop early train for different lengths: say how long, and which epoch's weights were kept.
+    stopping = any("best_step" in r for r in students)
+    epochs_head, epochs_rule = (" epochs run (best) |", "---|") if stopping else ("", "")
     lines += ["", "## Students", "",
-              f"| student | loss | teacher | training targets |{seed_head} test BLEU | test chrF |{beam_heads} vs CE-only BLEU | train time (s) |",
-              "|---|---|---|---|" + seed_rule + "---|---|" + "---|---|" * len(beams) + "---|---|"]  # fmt: skip
+              f"| student | loss | teacher | training targets |{seed_head} test BLEU | test chrF |{beam_heads} vs CE-only BLEU |{epochs_head} train time (s) |",
+              "|---|---|---|---|" + seed_rule + "---|---|" + "---|---|" * len(beams) + "---|" + epochs_rule + "---|"]  # fmt: skip
     # The CE-only twin of the same seed where there is one, else the twin's first seed.
     ce_only = {}
     for r in students:
@@ -305,9 +308,10 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
             twin = ce_only.get((r["name"], r.get("seed")), ce_only.get(r["name"]))
             delta = "-" if twin is None else f"{r['test_bleu'] - twin:+.2f}"
         seed_cell = f" {r.get('seed')} |" if seeded else ""
+        epochs_cell = f" {_epochs(r)} |" if stopping else ""
         lines.append(
             f"| {r['name']} | {r['loss']} | {r['teacher'] or '-'} | {_targets(r)} |{seed_cell} {r['test_bleu']:.2f} | "
-            f"{r['test_chrf']:.2f} |{beam_cells(r)} {delta} | {_number(r.get('train_runtime_s'), '.0f')} |"
+            f"{r['test_chrf']:.2f} |{beam_cells(r)} {delta} |{epochs_cell} {_number(r.get('train_runtime_s'), '.0f')} |"
         )
     lines += _over_seeds(students, beams)
     lines += _teacher_comparison(teachers, students)
@@ -319,6 +323,14 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
     _plot(teachers, students, output)
     if not quiet:
         print("\n".join(lines))
+
+
+def _epochs(r: dict) -> str:
+    """Epochs trained, and in brackets the epoch whose weights were kept (runs with early stopping)."""
+    if r.get("epochs") is None:
+        return "-"
+    best = f" ({r['best_epoch']:g})" if r.get("best_epoch") is not None else ""
+    return f"{r['epochs']:g}{best}"
 
 
 def _targets(r: dict) -> str:

@@ -276,7 +276,12 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     }
     if args.early_stopping_patience is not None:
         best = trainer.state.best_model_checkpoint
-        metrics.update(best_metric=trainer.state.best_metric, best_step=int(best.rsplit("-", 1)[-1]) if best else None,
+        best_step = int(best.rsplit("-", 1)[-1]) if best else None
+        # The epoch the kept weights come from: the evaluation logged at the best checkpoint's step says it.
+        best_epoch = next((entry["epoch"] for entry in trainer.state.log_history
+                           if entry.get("step") == best_step and "epoch" in entry), None)  # fmt: skip
+        metrics.update(best_metric=trainer.state.best_metric, best_step=best_step,
+                       best_epoch=round(best_epoch, 2) if best_epoch is not None else None,
                        stopped_early=trainer.state.global_step < trainer.state.max_steps)  # fmt: skip
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)

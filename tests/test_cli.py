@@ -283,7 +283,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
         "--lr_scheduler_type", "constant", "--early_stopping_patience", "2", "--save_total_limit", "1")  # fmt: skip
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     steps_per_epoch = metrics["best_step"]
-    assert metrics["stopped_early"] and metrics["epochs"] == pytest.approx(3.0)
+    assert metrics["stopped_early"] and metrics["epochs"] == pytest.approx(3.0) and metrics["best_epoch"] == 1.0
     # the finished run keeps the best checkpoint alone (transformers drops the last one at the end with limit 1)
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps_per_epoch}"]
     assert metrics["best_metric"] == pytest.approx(metrics["validation_loss"], rel=1e-6)

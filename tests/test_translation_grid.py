@@ -185,6 +185,26 @@ def test_students_without_a_ce_only_twin_show_a_dash_not_nan(tmp_path):
     assert "| t | ce | - | gold | 25.00 | 45.00 |  | 5 |" in table
 
 
+def test_students_that_stop_early_show_their_epochs_and_best_epoch(tmp_path):
+    def student(loss, teacher, bleu, **stopping):
+        return {"role": "student", "name": "s", "loss": loss, "teacher": teacher, "data": "gold", "run": f"s-{loss}",
+                "test_bleu": bleu, "test_chrf": bleu + 20, "train_runtime_s": 100.0, **stopping}  # fmt: skip
+
+    teacher = {"role": "teacher", "name": "t", "loss": "ce", "teacher": "", "run": "teacher-t", "test_bleu": 35.0,
+               "test_chrf": 55.0, "test_perplexity": 6.0, "stability": 0.8}  # fmt: skip
+    rows = [teacher, student("ce", "", 30.0, epochs=19.0, best_step=3632, best_epoch=16.0, stopped_early=True),
+            student("kd", "t", 31.0, epochs=30.0, best_step=6810, best_epoch=30.0, stopped_early=False),
+            student("old", "t", 29.0, epochs=6.0)]  # fmt: skip
+    load_script("translation_grid").write_results(rows, str(tmp_path), quiet=True)
+    table = (tmp_path / "results.md").read_text()
+    assert "| s | ce | - | gold | 30.00 | 50.00 |  | 19 (16) | 100 |" in table
+    assert "| s | kd | t | gold | 31.00 | 51.00 | +1.00 | 30 (30) | 100 |" in table
+    assert "| s | old | t | gold | 29.00 | 49.00 | -1.00 | 6 | 100 |" in table
+    # a grid without early stopping keeps its table as it was
+    load_script("translation_grid").write_results([teacher, student("kd", "t", 31.0, epochs=2.0)], str(tmp_path), quiet=True)
+    assert "epochs run" not in (tmp_path / "results.md").read_text()
+
+
 def test_seeds_train_each_cell_per_seed_reuse_the_recipe_seed_run_and_report_mean_and_sd(recipe, tmp_path):  # noqa: F811
     teacher = yaml.safe_load(recipe.read_text())  # its seed is 0
     (tmp_path / "ce.yaml").write_text(yaml.safe_dump({**teacher, "loss": "ce", "label_smoothing": 0.0, "num_train_epochs": 2}))
