@@ -109,11 +109,13 @@ def _beam_metrics(run_dir: str, recipe: str, overrides: list[str], num_beams: in
              "--generation_num_beams", str(num_beams), "--output_dir", os.path.join(run_dir, "eval")]
         )  # fmt: skip
         with open(path + ".partial", "w") as f:
-            json.dump({"bleu": evaluated["bleu"], "chrf": evaluated["chrf"]}, f, indent=2)
+            json.dump({key: evaluated[key] for key in ("bleu", "chrf", "decode_seconds", "sentences_per_second")}, f, indent=2)
         os.replace(path + ".partial", path)
     with open(path) as f:
         scores = json.load(f)
-    return {f"test_bleu_beam{num_beams}": scores["bleu"], f"test_chrf_beam{num_beams}": scores["chrf"]}
+    # Files kept from before decoding was timed have no speed: the tables show '-' rather than decode again.
+    return {f"test_bleu_beam{num_beams}": scores["bleu"], f"test_chrf_beam{num_beams}": scores["chrf"],
+            f"test_sentences_per_second_beam{num_beams}": scores.get("sentences_per_second")}
 
 
 def _distilled_data(output: str, name: str, fields: dict, teacher: str, teacher_recipe: str, teacher_model: str,
@@ -314,6 +316,7 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
             f"{r['test_chrf']:.2f} |{beam_cells(r)} {delta} |{epochs_cell} {_number(r.get('train_runtime_s'), '.0f')} |"
         )
     lines += _over_seeds(students, beams)
+    lines += _decoding_speed(teachers, students, beams)
     lines += _teacher_comparison(teachers, students)
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.md"), "w") as f:
@@ -362,6 +365,31 @@ def _over_seeds(students: list[dict], beams: list[int]) -> list[str]:
 
 def _number(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def _decoding_speed(teachers: list[dict], students: list[dict], beams: list[int]) -> list[str]:
+    """Test sentences per second decoding with each beam, and each student's speed over its teacher's (a CE-only
+    student's over the first teacher's): rows whose decoding was timed."""
+    timed = [r for r in teachers + students if any(r.get(f"test_sentences_per_second_beam{k}") for k in beams)]
+    if not timed or not teachers:
+        return []
+    speed = {r["name"]: r for r in teachers}
+    first = teachers[0]["name"]
+    lines = ["", "## Decoding speed (test set, sentences/s, the beam evaluations timed on this machine)", "",
+             "| model | loss | teacher |" + "".join(f" beam {k} sentences/s | beam {k} vs teacher |" for k in beams),
+             "|---|---|---|" + "---|---|" * len(beams)]  # fmt: skip
+    for r in timed:
+        is_teacher = r.get("role") == "teacher"
+        cells = ""
+        for k in beams:
+            own = r.get(f"test_sentences_per_second_beam{k}")
+            base = speed.get(r["name"] if is_teacher else (r["teacher"] or first), {}).get(f"test_sentences_per_second_beam{k}")
+            ratio = f"{own / base:.2f}x" if own and base else "-"
+            cells += f" {_number(own, '.1f')} | {ratio} |"
+        name = f"teacher {r['name']}" if is_teacher else r["name"]
+        taught = "-" if is_teacher else (r["teacher"] or f"(CE only; vs {first})")
+        lines.append(f"| {name} | {r['loss']} | {taught} |{cells}")
+    return lines
 
 
 def _teacher_comparison(teachers: list[dict], students: list[dict]) -> list[str]:

@@ -445,7 +445,8 @@ def command_evaluate(argv: list[str]) -> dict:
             tokenize=tokenize,
         )  # fmt: skip
         metrics.update({"bleu": bleu["bleu"], "chrf": bleu["chrf"], "bleu_signature": bleu["signature"],
-                        "length_ratio": bleu["length_ratio"]})  # fmt: skip
+                        "length_ratio": bleu["length_ratio"], "decode_seconds": round(bleu["decode_seconds"], 2),
+                        "sentences_per_second": round(bleu["sentences_per_second"], 2)})  # fmt: skip
         loader = evaluation_dataloader(
             evals[split], args.per_device_eval_batch_size, collate_fn=translation_collator(tokenizer)
         )

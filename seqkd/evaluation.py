@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from typing import Iterable, Mapping
 
 import torch
@@ -465,8 +466,8 @@ def bleu_eval(
 
     Returns:
         ``{"bleu": float, "chrf": float, "signature": BLEU signature, "chrf_signature": str,
-        "num_sentences": int, "length_ratio": hypothesis / reference length}`` plus ``"hypotheses": [str]``
-        with ``return_hypotheses``.
+        "num_sentences": int, "length_ratio": hypothesis / reference length, "decode_seconds": float,
+        "sentences_per_second": float}`` plus ``"hypotheses": [str]`` with ``return_hypotheses``.
     """
     names = getattr(dataset_split, "column_names", None)
     if isinstance(names, dict):
@@ -477,6 +478,7 @@ def bleu_eval(
             raise InvalidValueError(f"dataset split has no {c!r} column (columns: {list(cols)})")
     sources = list(dataset_split[source_column])
     references = list(dataset_split[target_column])
+    started = time.perf_counter()
     hyps = translate(
         model,
         tokenizer,
@@ -488,6 +490,7 @@ def bleu_eval(
         show_progress=show_progress,
         **generate_kwargs,
     )
+    decode_seconds = time.perf_counter() - started
     bleu = corpus_bleu(hyps, references, tokenize=tokenize, lowercase=lowercase)
     chrf = corpus_chrf(hyps, references, lowercase=lowercase)
     out = {
@@ -498,6 +501,9 @@ def bleu_eval(
         "num_sentences": len(hyps),
         # Hypothesis / reference length (sacreBLEU's tokens): above 1, some outputs ramble or loop to the limit.
         "length_ratio": bleu["sys_len"] / max(bleu["ref_len"], 1),
+        # Decoding speed (translate alone, tokenization included, scoring not): compare models on one machine.
+        "decode_seconds": decode_seconds,
+        "sentences_per_second": len(hyps) / decode_seconds if decode_seconds > 0 else float("inf"),
     }
     if return_hypotheses:
         out["hypotheses"] = hyps

@@ -109,8 +109,14 @@ def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(re
     for r in rows:
         if r["role"] != "data":
             assert 0 <= r["test_bleu_beam2"] <= 100 and 0 <= r["test_chrf_beam2"] <= 100
+            assert r["test_sentences_per_second_beam2"] > 0  # the beam decoding is timed
     results = (out / "results.md").read_text()
     assert "test BLEU beam 2" in results and "## Distilled data" in results
+    # each student's decoding speed over its teacher's (a CE-only student's over the first teacher's)
+    speed = {r["loss"]: r["test_sentences_per_second_beam2"] for r in rows if r["role"] != "data"}
+    assert f"| teacher ls | ls | - | {speed['ls']:.1f} | 1.00x |" in results
+    assert f"| tiny | ce | (CE only; vs ls) | {speed['ce']:.1f} | {speed['ce'] / speed['ls']:.2f}x |" in results
+    assert f"| tiny | seq-kd | ls | {speed['seq-kd']:.1f} | {speed['seq-kd'] / speed['ls']:.2f}x |" in results
     assert "| tiny | seq-kd | ls | seq-kd from ls |" in results
     stamp = (out / "data-seq-kd-from-ls" / "distill_manifest.json").stat().st_mtime_ns
     module.run_grid(str(grid), [], str(out))  # finished: neither decoded nor scored again

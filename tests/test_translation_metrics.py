@@ -243,7 +243,9 @@ def test_bleu_eval(pair_tokenizer):
     assert res["hypotheses"] == PAIRS_DE and res["num_sentences"] == 4
     other = {"source": PAIRS_DE, "target": PAIRS_EN}
     res = bleu_eval(EchoSeq2Seq(), pair_tokenizer, other, tokenize="none", show_progress=False)
-    assert set(res) == {"bleu", "chrf", "signature", "chrf_signature", "num_sentences", "length_ratio"}
+    assert set(res) == {"bleu", "chrf", "signature", "chrf_signature", "num_sentences", "length_ratio",
+                        "decode_seconds", "sentences_per_second"}  # fmt: skip
+    assert res["decode_seconds"] > 0 and res["sentences_per_second"] == pytest.approx(4 / res["decode_seconds"])
     longer = [target + " and more" for target in PAIRS_EN]  # references 2 tokens longer: a ratio under 1
     stretched = bleu_eval(EchoSeq2Seq(), pair_tokenizer, {"source": PAIRS_DE, "target": longer}, tokenize="none",
                           show_progress=False)  # fmt: skip
