@@ -9,7 +9,8 @@ trained), its BLEU, chrF, perplexity and stability, and every student it teaches
 recipe's ``distilled_data`` section, decoded by ``seqkd distill-data`` just before the first student that
 reads it), or both. ``teacher_cache`` (fields of ``seqkd cache-teacher``, e.g. ``{cache_top_k: 64}``) makes the
 word-level students on gold targets read a cache of their teacher, written once per teacher, instead of running it
-at every step. ``eval_num_beams`` adds test BLEU and chrF with those beams. OUTPUT/results.md,
+at every step. ``eval_num_beams`` adds test BLEU, chrF and decoding speed (sentences/s, each student against its teacher) with
+those beams. OUTPUT/results.md,
 OUTPUT/rows.json and OUTPUT/bleu.png are rewritten after every finished run. Fields after the recipe override
 every run. A restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an
 interrupted distilled corpus from its last whole shard). ``seeds`` (a list) trains every student once per seed: the
@@ -373,8 +374,9 @@ def _decoding_speed(teachers: list[dict], students: list[dict], beams: list[int]
     timed = [r for r in teachers + students if any(r.get(f"test_sentences_per_second_beam{k}") for k in beams)]
     if not timed or not teachers:
         return []
-    speed = {r["name"]: r for r in teachers}
+    teacher_rows = {r["name"]: r for r in teachers}
     first = teachers[0]["name"]
+    seeded = len({r.get("seed") for r in students}) > 1
     lines = ["", "## Decoding speed (test set, sentences/s, the beam evaluations timed on this machine)", "",
              "| model | loss | teacher |" + "".join(f" beam {k} sentences/s | beam {k} vs teacher |" for k in beams),
              "|---|---|---|" + "---|---|" * len(beams)]  # fmt: skip
@@ -383,10 +385,10 @@ def _decoding_speed(teachers: list[dict], students: list[dict], beams: list[int]
         cells = ""
         for k in beams:
             own = r.get(f"test_sentences_per_second_beam{k}")
-            base = speed.get(r["name"] if is_teacher else (r["teacher"] or first), {}).get(f"test_sentences_per_second_beam{k}")
+            base = teacher_rows[r["name"] if is_teacher else (r["teacher"] or first)].get(f"test_sentences_per_second_beam{k}")
             ratio = f"{own / base:.2f}x" if own and base else "-"
             cells += f" {_number(own, '.1f')} | {ratio} |"
-        name = f"teacher {r['name']}" if is_teacher else r["name"]
+        name = f"teacher {r['name']}" if is_teacher else r["name"] + (f" (seed {r.get('seed')})" if seeded else "")
         taught = "-" if is_teacher else (r["teacher"] or f"(CE only; vs {first})")
         lines.append(f"| {name} | {r['loss']} | {taught} |{cells}")
     return lines

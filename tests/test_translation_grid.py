@@ -240,10 +240,10 @@ def test_over_seeds_table_and_same_seed_ce_twins(tmp_path):
     def student(loss, teacher, seed, bleu):
         return {"role": "student", "name": "s", "loss": loss, "teacher": teacher, "data": "gold", "seed": seed,
                 "run": f"s-{loss}-{seed}", "test_bleu": bleu, "test_chrf": bleu + 20, "test_bleu_beam5": bleu + 1,
-                "test_chrf_beam5": bleu + 21, "train_runtime_s": 1.0}  # fmt: skip
+                "test_chrf_beam5": bleu + 21, "test_sentences_per_second_beam5": 10.0 * seed, "train_runtime_s": 1.0}  # fmt: skip
 
     teacher = {"role": "teacher", "name": "t", "loss": "ce", "teacher": "", "run": "teacher-t", "test_bleu": 35.0,
-               "test_chrf": 55.0, "test_perplexity": 6.0, "stability": 0.8}  # fmt: skip
+               "test_chrf": 55.0, "test_perplexity": 6.0, "stability": 0.8, "test_sentences_per_second_beam5": 5.0}  # fmt: skip
     rows = [teacher, student("ce", "", 1, 20.0), student("ce", "", 2, 22.0), student("kd", "t", 1, 25.0),
             student("kd", "t", 2, 28.0), student("kd", "t", 3, 31.0)]  # fmt: skip
     load_script("translation_grid").write_results(rows, str(tmp_path), quiet=True)
@@ -253,6 +253,8 @@ def test_over_seeds_table_and_same_seed_ce_twins(tmp_path):
     assert "| s | kd | t | gold | 3 | 31.00 | 51.00 | 32.00 | 52.00 | +11.00 | 1 |" in table
     assert "| s | kd | t | gold | 1, 2, 3 | 28.00 ± 3.00 | 48.00 ± 3.00 | 29.00 ± 3.00 |" in table
     assert "| s | ce | - | gold | 1, 2 | 21.00 ± 1.41 | 41.00 ± 1.41 | 22.00 ± 1.41 |" in table
+    # decoding speed, each seed's run named: a distilled student against its teacher, a CE-only one the first teacher
+    assert "| s (seed 2) | kd | t | 20.0 | 4.00x |" in table and "| s (seed 1) | ce | (CE only; vs t) | 10.0 | 2.00x |" in table
 
 
 @pytest.mark.parametrize("seeds", [[], [1, 1], "1", [1.5], [True]])
