@@ -15,17 +15,21 @@ OUTPUT/rows.json and OUTPUT/bleu.png are rewritten after every finished run. Fie
 every run. A restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an
 interrupted distilled corpus from its last whole shard). ``seeds`` (a list) trains every student once per seed: the
 run with the recipe's own seed keeps its plain folder name (so runs made before seeds were listed count), the others
-get ``-seedN``; results.md then adds each cell's mean and standard deviation over its seeds.
+get ``-seedN``; results.md then adds each cell's mean and standard deviation over its seeds. ``--only PATTERN ...``
+trains only the runs whose folder names match (shell patterns, e.g. ``'*-seq-kd-from-ce'``) and the teachers they
+need, so that a long grid can be run in the order its answers are wanted.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import yaml
 
@@ -35,6 +39,17 @@ from seqkd.sequence_kd import MANIFEST_FILE
 GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams", "teacher_cache",
              "seeds"}  # fmt: skip
 TEACHER_FREE_LOSSES = ("ce", "ls")
+
+
+class StudentRun(NamedTuple):
+    student: str
+    loss_name: str
+    loss_fields: dict
+    data: str  # "gold" or a distilled corpus of the recipe
+    seed: int
+    run_dir: str
+    distill: bool  # whether the run learns from a teacher's outputs
+    extra_seed: bool  # one of the recipe's ``seeds`` other than the run's own
 
 
 def _argv(fields: dict) -> list[str]:
@@ -166,8 +181,12 @@ def _cache_row(output: str, teacher: str) -> dict:
             "write_seconds": summary.get("write_seconds")}  # fmt: skip
 
 
-def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = None) -> list[dict]:
-    """Train and score every run of the grid, teacher by teacher, writing the tables after each finished run."""
+def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = None,
+             only: list[str] | None = None) -> list[dict]:
+    """Train and score every run of the grid, teacher by teacher, writing the tables after each finished run.
+
+    ``only`` (shell patterns on run folder names, e.g. ``*-seq-kd-from-ce``) trains only the runs it matches,
+    and the teachers those runs need; finished runs are scored and listed whether or not they match."""
     grid = _read_grid(recipe_path)
     here = os.path.dirname(os.path.abspath(recipe_path))
     output = output_dir or grid.get("output_dir", "runs/grid")
@@ -183,7 +202,11 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             extra.update(_beam_metrics(run_dir, recipe, overrides, k))
         return {**_metrics(run_dir), **extra}
 
-    def train_students(teacher: str | None, teacher_model: str | None):
+    def selected(run_dir: str) -> bool:
+        return only is None or any(fnmatch.fnmatchcase(os.path.basename(run_dir), pattern) for pattern in only)
+
+    def student_runs(teacher: str | None):
+        """Every run taught by ``teacher`` (None: by labels alone), as a :class:`StudentRun`."""
         for student, loss_name, loss_fields, data, seed in _seeded(_student_cells(grid, teacher), grid.get("seeds")):
             fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
             distill = loss_fields.get("loss") not in TEACHER_FREE_LOSSES
@@ -193,9 +216,25 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             seed = own_seed if seed is None else seed
             run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else "")
                                    + (f"-seed{seed}" if seed != own_seed else ""))  # fmt: skip
+            yield StudentRun(student, loss_name, loss_fields, data, seed, run_dir, distill, seed != own_seed)
+
+    if only is not None:
+        names = [os.path.basename(r.run_dir) for r in student_runs(None)]
+        for name in teacher_recipes:
+            names += [f"teacher-{name}", *(os.path.basename(r.run_dir) for r in student_runs(name))]
+        unmatched = [p for p in only if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(f"--only pattern(s) {unmatched} match no run of grid recipe {recipe_path}; its runs are "
+                             f"{names}")  # fmt: skip
+
+    def train_students(teacher: str | None, teacher_model: str | None):
+        for student, loss_name, loss_fields, data, seed, run_dir, distill, extra_seed in student_runs(teacher):
+            fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
+            if _metrics(run_dir) is None and not selected(run_dir):
+                continue
             if _metrics(run_dir) is None:
                 print(f"\n=== student {student}, {loss_name}" + (f" from teacher {teacher}" if teacher else "")
-                      + (f", seed {seed}" if seed != own_seed else "") + " ===", flush=True)  # fmt: skip
+                      + (f", seed {seed}" if extra_seed else "") + " ===", flush=True)  # fmt: skip
                 fields["seed"] = seed
                 if distill:
                     fields["teacher_model_name_or_path"] = teacher_model
@@ -219,8 +258,11 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             elif data != "gold" and not any(r["role"] == "data" and r["name"] == data and r["teacher"] == teacher for r in rows):
                 rows.append(_distilled_data(output, data, grid["distilled_data"][data], teacher, teacher_recipes[teacher],
                                             teacher_model, overrides))  # fmt: skip
-            cached = bool(teacher and data == "gold" and loss_fields.get("loss") not in TEACHER_FREE_LOSSES
-                          and grid.get("teacher_cache"))  # fmt: skip
+            metrics = _metrics(run_dir)
+            # A run says which teacher signal it read; runs trained before it said so followed the recipe.
+            cached = (metrics["teacher_signal"] == "cache" if "teacher_signal" in metrics else
+                      bool(teacher and data == "gold" and loss_fields.get("loss") not in TEACHER_FREE_LOSSES
+                           and grid.get("teacher_cache")))  # fmt: skip
             rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "", "data": data,
                          "seed": seed, "teacher_cache": cached, "run": os.path.basename(run_dir),
                          **scored(run_dir, base_recipe)})  # fmt: skip
@@ -229,6 +271,10 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
     train_students(None, None)
     for name, teacher_recipe in teacher_recipes.items():
         run_dir = os.path.join(output, f"teacher-{name}")
+        if _metrics(run_dir) is None and not (
+            selected(run_dir) or any(_metrics(r.run_dir) is None and selected(r.run_dir) for r in student_runs(name))
+        ):
+            continue  # not selected, and none of its selected students waits for it
         if _metrics(run_dir) is None:
             print(f"\n=== teacher {name} ===", flush=True)
             command_train([teacher_recipe, *overrides, "--output_dir", run_dir], distill=False)
@@ -444,10 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="a grid recipe such as recipes/students_multi30k.yaml")
     parser.add_argument("--output_dir", default=None, help="where the runs and results go (default: the recipe's)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PATTERN",
+                        help="train only the runs whose folder names match one of these shell patterns (e.g. "
+                             "'*-seq-kd-from-ce' 'teacher-ls'), and the teachers they need; finished runs are listed "
+                             "either way")  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     if not os.path.isfile(args.recipe):
         parser.error(f"grid recipe {args.recipe!r} does not exist")
-    run_grid(args.recipe, overrides, args.output_dir)
+    run_grid(args.recipe, overrides, args.output_dir, args.only)
     return 0
 
 

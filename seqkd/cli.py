@@ -272,6 +272,8 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
         "train_runtime_s": output.metrics.get("train_runtime"),
         "world_size": args.world_size,
         "epochs": trainer.state.epoch,
+        # Whether the student read its teacher live, from a cache or not at all: a grid labels its rows by this.
+        "teacher_signal": trainer.teacher_signal.kind,
         **trainer.generation_summary(),
     }
     if args.early_stopping_patience is not None:

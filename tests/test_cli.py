@@ -284,6 +284,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
     metrics = json.loads((out / "model" / "metrics.json").read_text())
     steps_per_epoch = metrics["best_step"]
     assert metrics["stopped_early"] and metrics["epochs"] == pytest.approx(3.0) and metrics["best_epoch"] == 1.0
+    assert metrics["teacher_signal"] == "none"  # trained from labels alone
     # the finished run keeps the best checkpoint alone (transformers drops the last one at the end with limit 1)
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps_per_epoch}"]
     assert metrics["best_metric"] == pytest.approx(metrics["validation_loss"], rel=1e-6)

@@ -123,6 +123,39 @@ def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(re
     assert (out / "data-seq-kd-from-ls" / "distill_manifest.json").stat().st_mtime_ns == stamp
 
 
+def test_only_trains_the_matching_runs_and_the_teachers_they_need(recipe, tmp_path):  # noqa: F811
+    teacher = yaml.safe_load(recipe.read_text())
+    for name in ("ce", "ls"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**teacher, "num_train_epochs": 1}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(
+        {"teachers": {"ce": "ce.yaml", "ls": "ls.yaml"}, "students": {"tiny": {"model": "marian-tiny"}},
+         "losses": {"ce": {"loss": "ce"}, "kd": {"loss": "kd", "ce_weight": 0.5, "kd_weight": 0.5}},
+         "training": {"num_train_epochs": 1}}, sort_keys=False))  # fmt: skip
+    module = load_script("translation_grid")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"\['tiny-dkd\*'\] match no run .* 'teacher-ls', 'tiny-kd-from-ls'\]"):
+        module.run_grid(str(grid), [], str(out), only=["tiny-kd-*", "tiny-dkd*"])
+    assert not out.exists()  # refused before any work
+    with pytest.raises(ValueError, match=r"\['nope'\] match no run"):  # the command line's --only, before an override
+        module.main([str(grid), "--output_dir", str(out), "--only", "nope", "--learning_rate", "0.1"])
+    assert not out.exists()
+
+    def finished(run: str) -> bool:
+        return (out / run / "model" / "metrics.json").exists()
+
+    rows = module.run_grid(str(grid), [], str(out), only=["tiny-kd-from-ls"])
+    # the selected student and the teacher it needs; neither the CE student nor the other teacher
+    assert [finished(r) for r in ("tiny-kd-from-ls", "teacher-ls", "tiny-ce", "teacher-ce", "tiny-kd-from-ce")] == [
+        True, True, False, False, False]  # fmt: skip
+    assert [(r["role"], r["run"]) for r in rows] == [("teacher", "teacher-ls"), ("student", "tiny-kd-from-ls")]
+    rows = module.run_grid(str(grid), [], str(out), only=["tiny-ce"])
+    # finished runs are listed whether or not they match
+    assert [r["run"] for r in rows] == ["tiny-ce", "teacher-ls", "tiny-kd-from-ls"] and not finished("teacher-ce")
+    module.run_grid(str(grid), [], str(out), only=["teacher-*"])  # a teacher may be selected alone
+    assert finished("teacher-ce") and not finished("tiny-kd-from-ce")
+
+
 def test_grid_refuses_a_loss_on_undefined_data(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"teachers": {"a": "a.yaml"}, "students": {"s": {}},
@@ -165,6 +198,12 @@ def test_grid_with_a_full_teacher_cache_trains_the_live_teachers_student(recipe,
     assert cached_student["train_loss"] == pytest.approx(live_student["train_loss"], rel=1e-5)
     assert cached_student["test_bleu"] == pytest.approx(live_student["test_bleu"], abs=0.5)
     assert cached_student["teacher_cache"] and not live_student["teacher_cache"]
+    signal = {d: json.loads((tmp_path / d / "tiny-kd-from-ce" / "model" / "metrics.json").read_text())["teacher_signal"]
+              for d in ("live", "cached")}  # fmt: skip
+    assert signal == {"live": "live", "cached": "cache"}
+    # A student trained live before its recipe turned the cache on keeps its label: the run says what it read.
+    relabelled = module.run_grid(str(tmp_path / "cached.yaml"), [], str(tmp_path / "live"))
+    assert not next(r for r in relabelled if r["role"] == "student")["teacher_cache"]
     results = (tmp_path / "cached" / "results.md").read_text()
     assert "## Teacher caches" in results and "| gold (teacher cache) |" in results
     stamp = (tmp_path / "cached" / "cache-from-ce.json").stat().st_mtime_ns
