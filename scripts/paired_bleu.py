@@ -27,6 +27,11 @@ from seqkd.pipeline import load_parallel_corpus, load_saved_model
 from seqkd.evaluation import translate
 
 
+def _is_path(run: str) -> bool:
+    """A run named by its folder's path (another grid's run, say) rather than by its name in this grid."""
+    return os.sep in run or (os.altsep is not None and os.altsep in run)
+
+
 def paired_rows(
     recipe_path: str, overrides: list[str], split: str, output_dir: str | None = None, pairs: list[tuple[str, str]] | None = None
 ) -> list[dict]:
@@ -45,9 +50,13 @@ def paired_rows(
     if not teachers:
         raise ValueError(f"the grid in {output} has no finished teacher yet")
     finished = {r["run"] for r in rows if r["role"] == "student"}
-    unknown = sorted({run for pair in pairs or [] for run in pair} - finished)
+    named = {run for pair in pairs or [] for run in pair}
+    unknown = sorted(run for run in named - finished if not _is_path(run))
     if unknown:
         raise ValueError(f"--pairs names runs the grid in {output} has not finished: {unknown}; finished: {sorted(finished)}")
+    unfinished = sorted(run for run in named if _is_path(run) and not os.path.isfile(os.path.join(run, "model", "metrics.json")))
+    if unfinished:
+        raise ValueError(f"--pairs names run folders that hold no finished run (no model/metrics.json): {unfinished}")
     # The data fields (corpus, languages, tokenization) are the first teacher's, as the grid's students use them.
     base_recipe = os.path.join(os.path.dirname(os.path.abspath(recipe_path)), grid["teachers"][teachers[0]])
     _, data_args, args, _ = parse_command_line("evaluate", [base_recipe, *overrides, "--split", split])
@@ -61,7 +70,7 @@ def paired_rows(
 
     def hyps(run: str) -> list[str]:
         if run not in hypotheses:
-            model_dir = os.path.join(output, run, "model")
+            model_dir = os.path.join(run if _is_path(run) else os.path.join(output, run), "model")
             model = load_saved_model(model_dir).to(args.device)
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             hypotheses[run] = translate(
@@ -117,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pairs", default=None,
         help="compare only these runs: comma-separated BASELINE:SYSTEM run folders of the grid, e.g. "
-        "transformer-2x2-128-word-kd-from-ls:transformer-2x2-128-seq-kd-from-ls",
+        "transformer-2x2-128-word-kd-from-ls:transformer-2x2-128-seq-kd-from-ls; a run given as a path "
+        "(one with a '/') is that folder, e.g. a run of another grid on the same data",
     )  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     if not os.path.isfile(args.recipe):

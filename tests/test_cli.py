@@ -118,6 +118,18 @@ def test_shipped_recipes_parse(name, tmp_path):
         parse_command_line("distill-data", [teachers[0], *grid._argv(fields), "--output_dir", str(tmp_path), "--use_cpu", "true"])
 
 
+def test_the_cache_pair_recipe_is_the_converged_grids_live_word_kd_row_plus_a_cache():
+    # docs/results.md prices the cache by this recipe's run against the converged grid's live row: same fields.
+    pair = yaml.safe_load((REPO / "recipes" / "word_kd_cache_pair_multi30k.yaml").read_text())
+    grid = yaml.safe_load((REPO / "recipes" / "students_multi30k_converged.yaml").read_text())
+    for key in ("training", "eval_num_beams"):
+        assert pair[key] == grid[key]
+    assert pair["teachers"] == {"ce": grid["teachers"]["ce"]}
+    assert pair["students"] == {"transformer-2x2-128": grid["students"]["transformer-2x2-128"]}
+    assert pair["losses"] == {"word-kd": grid["losses"]["word-kd"]}
+    assert pair["teacher_cache"] == {"cache_top_k": 64} and "teacher_cache" not in grid
+
+
 def test_train_distill_evaluate(recipe, corpus_dir, tmp_path, capsys):
     teacher_dir = tmp_path / "teacher"
     run("train", recipe, "--dataset", corpus_dir, "--output_dir", teacher_dir)

@@ -70,6 +70,15 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
     assert chosen["system_bleu"] == default["system_bleu"] and chosen["p_value"] == default["p_value"]
     with pytest.raises(ValueError, match="has not finished: \\['tiny-nope'\\]"):
         paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", "tiny-nope")])
+    # a run named by its path: another grid's run, compared with this grid's (here a copy: the same BLEU)
+    import shutil
+
+    elsewhere = tmp_path / "elsewhere" / "tiny-kd-from-ce"
+    shutil.copytree(out / "tiny-kd-from-ce", elsewhere)
+    (by_path,) = paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", str(elsewhere))])
+    assert by_path["system"] == str(elsewhere) and by_path["system_bleu"] == default["system_bleu"]
+    with pytest.raises(ValueError, match="hold no finished run"):
+        paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", str(tmp_path / "elsewhere"))])
 
 
 def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(recipe, tmp_path):  # noqa: F811
