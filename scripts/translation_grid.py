@@ -45,6 +45,7 @@ class StudentRun(NamedTuple):
     student: str
     loss_name: str
     loss_fields: dict
+    fields: dict  # the run's grid fields: training, then student, then loss
     data: str  # "gold" or a distilled corpus of the recipe
     seed: int
     run_dir: str
@@ -216,20 +217,22 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             seed = own_seed if seed is None else seed
             run_dir = os.path.join(output, f"{student}-{loss_name}" + (f"-from-{teacher}" if teacher else "")
                                    + (f"-seed{seed}" if seed != own_seed else ""))  # fmt: skip
-            yield StudentRun(student, loss_name, loss_fields, data, seed, run_dir, distill, seed != own_seed)
+            yield StudentRun(student, loss_name, loss_fields, fields, data, seed, run_dir, distill, seed != own_seed)
 
+    # Every student run of the grid, by its teacher (None: taught by labels alone), built once.
+    runs_by_teacher = {teacher: list(student_runs(teacher)) for teacher in (None, *teacher_recipes)}
     if only is not None:
-        names = [os.path.basename(r.run_dir) for r in student_runs(None)]
+        names = [os.path.basename(r.run_dir) for r in runs_by_teacher[None]]
         for name in teacher_recipes:
-            names += [f"teacher-{name}", *(os.path.basename(r.run_dir) for r in student_runs(name))]
+            names += [f"teacher-{name}", *(os.path.basename(r.run_dir) for r in runs_by_teacher[name])]
         unmatched = [p for p in only if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
             raise ValueError(f"--only pattern(s) {unmatched} match no run of grid recipe {recipe_path}; its runs are "
                              f"{names}")  # fmt: skip
 
     def train_students(teacher: str | None, teacher_model: str | None):
-        for student, loss_name, loss_fields, data, seed, run_dir, distill, extra_seed in student_runs(teacher):
-            fields = {**grid.get("training", {}), **grid["students"][student], **loss_fields}
+        for student, loss_name, loss_fields, fields, data, seed, run_dir, distill, extra_seed in runs_by_teacher[teacher]:
+            fields = dict(fields)  # the run's command line gains fields below
             if _metrics(run_dir) is None and not selected(run_dir):
                 continue
             if _metrics(run_dir) is None:
@@ -272,7 +275,7 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
     for name, teacher_recipe in teacher_recipes.items():
         run_dir = os.path.join(output, f"teacher-{name}")
         if _metrics(run_dir) is None and not (
-            selected(run_dir) or any(_metrics(r.run_dir) is None and selected(r.run_dir) for r in student_runs(name))
+            selected(run_dir) or any(_metrics(r.run_dir) is None and selected(r.run_dir) for r in runs_by_teacher[name])
         ):
             continue  # not selected, and none of its selected students waits for it
         if _metrics(run_dir) is None:
