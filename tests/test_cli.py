@@ -130,6 +130,20 @@ def test_the_cache_pair_recipe_is_the_converged_grids_live_word_kd_row_plus_a_ca
     assert pair["teacher_cache"] == {"cache_top_k": 64} and "teacher_cache" not in grid
 
 
+def test_the_ls_seeds_recipe_is_the_converged_grids_dkd_cells_with_two_more_seeds():
+    # It shares the converged grid's output folder so that the grid's seed-1234 runs count as its first seed: that
+    # holds only while every field that shapes a run is the grid's.
+    seeds = yaml.safe_load((REPO / "recipes" / "ls_question_seeds_multi30k_converged.yaml").read_text())
+    grid = yaml.safe_load((REPO / "recipes" / "students_multi30k_converged.yaml").read_text())
+    for key in ("teachers", "training", "eval_num_beams", "output_dir"):
+        assert seeds[key] == grid[key]
+    assert seeds["students"] == {"transformer-2x2-128": grid["students"]["transformer-2x2-128"]}
+    assert seeds["losses"] == {"dkd": grid["losses"]["dkd"]}
+    own_seed = yaml.safe_load((REPO / "recipes" / grid["teachers"]["ce"]).read_text())["seed"]
+    assert seeds["seeds"][0] == own_seed and len(set(seeds["seeds"])) == 3
+    assert "seeds" not in grid and "teacher_cache" not in seeds and "teacher_cache" not in grid
+
+
 def test_train_distill_evaluate(recipe, corpus_dir, tmp_path, capsys):
     teacher_dir = tmp_path / "teacher"
     run("train", recipe, "--dataset", corpus_dir, "--output_dir", teacher_dir)

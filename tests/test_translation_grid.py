@@ -64,10 +64,16 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
     assert table.count("\n") == len(compared) + 1 and "| tiny-ce | tiny-kd-from-ce |" in table
     with pytest.raises(FileNotFoundError, match="no finished grid"):
         paired.paired_rows(str(grid), [], "test", str(tmp_path / "nothing-here"))
-    # chosen pairs only: the same BLEU as the default comparison of the same runs
+    # chosen pairs only: those two runs' models and no others are decoded, scoring as the grid scored them (which
+    # folders were loaded is checked exactly; BLEU at the tolerance above, as two loads need not decode bit-identically)
+    loaded = []
+    load = paired.load_saved_model
+    monkeypatch.setattr(paired, "load_saved_model", lambda path, *a, **k: loaded.append(path) or load(path, *a, **k))
     (chosen,) = paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", "tiny-kd-from-ce")])
-    default = next(r for r in compared if (r["baseline"], r["system"]) == ("tiny-ce", "tiny-kd-from-ce"))
-    assert chosen["system_bleu"] == default["system_bleu"] and chosen["p_value"] == default["p_value"]
+    assert (chosen["baseline"], chosen["system"]) == ("tiny-ce", "tiny-kd-from-ce")
+    assert sorted(loaded) == sorted([str(out / "tiny-ce" / "model"), str(out / "tiny-kd-from-ce" / "model")])
+    assert chosen["system_bleu"] == pytest.approx(test_bleu["tiny-kd-from-ce"], abs=0.01)
+    assert chosen["baseline_bleu"] == pytest.approx(test_bleu["tiny-ce"], abs=0.01)
     with pytest.raises(ValueError, match="has not finished: \\['tiny-nope'\\]"):
         paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", "tiny-nope")])
     # a run named by its path: another grid's run, decoded from that folder's model (which folder was loaded is
@@ -76,9 +82,7 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
 
     elsewhere = tmp_path / "elsewhere" / "tiny-kd-from-ce"
     shutil.copytree(out / "tiny-kd-from-ce", elsewhere)
-    loaded = []
-    load = paired.load_saved_model
-    monkeypatch.setattr(paired, "load_saved_model", lambda path, *a, **k: loaded.append(path) or load(path, *a, **k))
+    loaded.clear()
     (by_path,) = paired.paired_rows(str(grid), [], "test", str(out), pairs=[("tiny-ce", str(elsewhere))])
     assert by_path["system"] == str(elsewhere) and 0 <= by_path["system_bleu"] <= 100
     assert sorted(loaded) == sorted([str(out / "tiny-ce" / "model"), str(elsewhere / "model")])
