@@ -11,6 +11,7 @@ continues exactly; evaluation carries the state over the whole split.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -946,6 +947,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         # The stopper watches the evaluations of training alone: one after it (a test split, say) has no
         # eval_<metric> to compare and would only warn.
         if self._early_stopping is not None:
+            self._early_stopping.early_stopping_patience_counter = _saved_patience_counter(resume_from_checkpoint)
             self.add_callback(self._early_stopping)
         try:
             output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
@@ -956,11 +958,26 @@ class DistillationTrainer(Seq2SeqTrainer):
         return output
 
 
+def _saved_patience_counter(checkpoint: str | None) -> int:
+    """How many evaluations in a row had not improved when ``checkpoint`` was saved (0 when starting afresh).
+
+    transformers restores callback states only under ``restore_callback_states_from_checkpoint``, which would also
+    restore the saved ``TrainerControl`` (a final checkpoint's ``should_training_stop``); without the count, a run
+    resumed in the middle of a plateau would wait a whole patience again and train longer than an uninterrupted one.
+    """
+    if not checkpoint:
+        return 0
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        callbacks = json.load(f).get("stateful_callbacks", {})
+    saved = callbacks.get("EarlyStoppingCallback") or {}
+    if isinstance(saved, list):  # transformers stores several callbacks of one class as a list
+        saved = saved[0] if saved else {}
+    return int(saved.get("attributes", {}).get("early_stopping_patience_counter", 0))
+
+
 def save_model_atomically(trainer: "DistillationTrainer", final_dir: str, metrics: dict | None = None) -> None:
     """The trained model, its tokenizer and (optionally) ``metrics.json``, written to ``final_dir.partial`` and
     renamed into ``final_dir`` once complete, so an interrupted save never leaves a model that looks finished."""
-    import json
-
     staging = final_dir + ".partial"
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)

@@ -327,6 +327,27 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
     assert metrics["epochs"] == pytest.approx(2.0) and "stopped_early" not in metrics
 
 
+def test_a_run_resumed_on_a_plateau_keeps_its_patience_count(recipe, corpus_dir, tmp_path):
+    # Learning rate 0: no epoch after the first improves. A run that its budget stopped after epoch 2 (one epoch
+    # without improvement), resumed with a larger budget, must stop after epoch 4 under patience 3, as the same run
+    # uninterrupted does; counting afresh from the resume would train on to epoch 5.
+    import shutil
+
+    common = ("--dataset", corpus_dir, "--learning_rate", "0", "--lr_scheduler_type", "constant",
+              "--early_stopping_patience", "3", "--save_total_limit", "2")  # fmt: skip
+    out = tmp_path / "resumed"
+    run("train", recipe, *common, "--output_dir", out, "--num_train_epochs", "2")
+    first = json.loads((out / "model" / "metrics.json").read_text())
+    assert first["epochs"] == pytest.approx(2.0) and first["stopped_early"] is False
+    shutil.rmtree(out / "model")  # what an interrupted run leaves behind: its checkpoints, no model
+    run("train", recipe, *common, "--output_dir", out, "--num_train_epochs", "10")
+    resumed = json.loads((out / "model" / "metrics.json").read_text())
+    run("train", recipe, *common, "--output_dir", tmp_path / "uninterrupted", "--num_train_epochs", "10")
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "model" / "metrics.json").read_text())
+    for metrics in (resumed, uninterrupted):
+        assert metrics["stopped_early"] and metrics["epochs"] == pytest.approx(4.0) and metrics["best_epoch"] == 1.0
+
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("spelling", [["--bf16", "auto"], ["--bf16=AUTO"], "recipe"])
 def test_bf16_auto_is_bf16_exactly_where_the_cpu_computes_in_it(native, spelling, tmp_path, monkeypatch, caplog):
