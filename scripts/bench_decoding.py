@@ -11,6 +11,10 @@ is what the architecture decides. ``--free_length`` lets trained models stop at 
     python scripts/bench_decoding.py recipes/ls_teacher_multi30k.yaml --data_dir ../shared/data \\
         --teacher transformer-3x3-256 --student transformer-2x2-128 --sentences 500
 
+``--student`` takes several models, all timed against the one teacher. ``--repeats N`` times every model N times,
+the models interleaved within each round so that a slow spell of the machine falls on all of them; each row gives
+the median and the range of its N speeds, and the ratio of medians.
+
 Prints a markdown table (model, decoding, sentences/s, ratio student / teacher) and the machine.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -49,35 +54,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="a translation recipe: its data fields choose the corpus and the tokenizer")
     parser.add_argument("--teacher", required=True, help="a saved model folder or a seq2seq preset")
-    parser.add_argument("--student", required=True, help="a saved model folder or a seq2seq preset")
+    parser.add_argument("--student", required=True, nargs="+", help="saved model folders or seq2seq presets")
     parser.add_argument("--split", default="test")
     parser.add_argument("--sentences", type=int, default=500)
     parser.add_argument("--length", type=int, default=20, help="tokens per hypothesis (the cap with --free_length)")
     parser.add_argument("--free_length", action="store_true", help="let models stop at EOS (trained models)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--beams", default="1,5", help="comma-separated beam sizes")
+    parser.add_argument("--repeats", type=int, default=1, help="timings of each model, interleaved; median reported")
     options, overrides = parser.parse_known_args()
+    if options.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {options.repeats}")
 
     torch.set_grad_enabled(False)
     _, data_args, _, _ = parse_command_line("evaluate", [options.recipe, *overrides, "--output_dir", "runs/bench"])
     corpus = load_parallel_corpus(data_args)
     tokenizer = teacher_tokenizer(options.teacher) or build_translation_tokenizer(data_args, corpus)
     sources = [str(s) for s in corpus[options.split]["source"]][: options.sentences]
-    models = {"teacher": load(options.teacher, tokenizer), "student": load(options.student, tokenizer)}
+    names = [options.teacher, *options.student]
+    models = [load(name, tokenizer) for name in names]
+    # A saved model decodes with the tokenizer saved beside it; a preset with the teacher's (or the recipe's).
+    tokenizers = [teacher_tokenizer(name) or tokenizer for name in names]
+    roles = ["teacher", *["student"] * len(options.student)]
     rows = []
     for beams in (int(b) for b in options.beams.split(",")):
-        speeds = {
-            role: sentences_per_second(model, tokenizer, sources, num_beams=beams, length=options.length,
-                                       free_length=options.free_length, batch_size=options.batch_size)
-            for role, model in models.items()
-        }  # fmt: skip
+        speeds = [[] for _ in models]
+        for _ in range(options.repeats):
+            for timings, model, model_tokenizer in zip(speeds, models, tokenizers):
+                timings.append(sentences_per_second(model, model_tokenizer, sources, num_beams=beams, length=options.length,
+                                                   free_length=options.free_length, batch_size=options.batch_size))  # fmt: skip
+        medians = [statistics.median(timings) for timings in speeds]
         decoding = "greedy" if beams == 1 else f"beam {beams}"
-        for role, name in (("teacher", options.teacher), ("student", options.student)):
-            parameters = sum(p.numel() for p in models[role].parameters())
-            ratio = speeds[role] / speeds["teacher"]
-            rows.append(f"| {role}: {name} ({parameters / 1e6:.1f} M) | {decoding} | {speeds[role]:.1f} | {ratio:.2f}x |")
+        for role, name, model, timings, median in zip(roles, names, models, speeds, medians):
+            parameters = sum(p.numel() for p in model.parameters())
+            spread = f" ({min(timings):.1f}-{max(timings):.1f})" if len(timings) > 1 else ""
+            rows.append(f"| {role}: {name} ({parameters / 1e6:.1f} M) | {decoding} | {median:.1f}{spread} | "
+                        f"{median / medians[0]:.2f}x |")  # fmt: skip
     length = f"up to {options.length} tokens, own EOS" if options.free_length else f"exactly {options.length} tokens"
-    print(f"{len(sources)} {options.split} sentences, batch {options.batch_size}, {length} per hypothesis\n")
+    timed = f"median (range) of {options.repeats} interleaved timings" if options.repeats > 1 else "one timing"
+    print(f"{len(sources)} {options.split} sentences, batch {options.batch_size}, {length} per hypothesis, {timed}\n")
     print("| model | decoding | sentences/s | vs teacher |\n|---|---|---|---|")
     print("\n".join(rows))
     print(f"\n{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

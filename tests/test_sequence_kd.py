@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -216,11 +217,18 @@ def test_the_decoding_benchmark_prints_its_table(recipe, teacher):  # noqa: F811
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_decoding.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(recipe), "--teacher", str(teacher), "--student", "marian-tiny",
-         "--sentences", "16", "--length", "4", "--batch_size", "8", "--beams", "1,2"],
+        [sys.executable, str(script), str(recipe), "--teacher", str(teacher), "--student", "marian-tiny", str(teacher),
+         "--sentences", "16", "--length", "4", "--batch_size", "8", "--beams", "1,2", "--repeats", "2"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| teacher:") or line.startswith("| student:")]
-    assert len(rows) == 4 and all(row.endswith("x |") for row in rows)
-    assert "| greedy |" in rows[0] and "| beam 2 |" in rows[2] and rows[0].endswith("| 1.00x |")
+    assert len(rows) == 6 and all(row.endswith("x |") for row in rows)  # teacher and two students, by 2 decodings
+    assert "| greedy |" in rows[0] and "| beam 2 |" in rows[3] and rows[0].endswith("| 1.00x |")
+    assert rows[2].startswith(f"| student: {teacher} (")  # a saved model may be timed as a student, too
+    # each speed is the median of its 2 timings, with their range
+    low, high = (float(x) for x in re.search(r"\| [\d.]+ \(([\d.]+)-([\d.]+)\) \|", rows[1]).groups())
+    assert 0 < low <= high and "median (range) of 2 interleaved timings" in result.stdout
+    refused = subprocess.run([sys.executable, str(script), str(recipe), "--teacher", str(teacher), "--student",
+                              "marian-tiny", "--repeats", "0"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode != 0 and "--repeats must be >= 1, got 0" in refused.stderr
