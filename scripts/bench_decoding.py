@@ -81,8 +81,9 @@ def main() -> None:
         speeds = [[] for _ in models]
         for _ in range(options.repeats):
             for timings, model, model_tokenizer in zip(speeds, models, tokenizers):
-                timings.append(sentences_per_second(model, model_tokenizer, sources, num_beams=beams, length=options.length,
-                                                   free_length=options.free_length, batch_size=options.batch_size))  # fmt: skip
+                speed = sentences_per_second(model, model_tokenizer, sources, num_beams=beams, length=options.length,
+                                             free_length=options.free_length, batch_size=options.batch_size)  # fmt: skip
+                timings.append(speed)
         medians = [statistics.median(timings) for timings in speeds]
         decoding = "greedy" if beams == 1 else f"beam {beams}"
         for role, name, model, timings, median in zip(roles, names, models, speeds, medians):
