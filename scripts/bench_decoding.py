@@ -69,12 +69,13 @@ def main() -> None:
     torch.set_grad_enabled(False)
     _, data_args, _, _ = parse_command_line("evaluate", [options.recipe, *overrides, "--output_dir", "runs/bench"])
     corpus = load_parallel_corpus(data_args)
-    tokenizer = teacher_tokenizer(options.teacher) or build_translation_tokenizer(data_args, corpus)
-    sources = [str(s) for s in corpus[options.split]["source"]][: options.sentences]
     names = [options.teacher, *options.student]
-    models = [load(name, tokenizer) for name in names]
     # A saved model decodes with the tokenizer saved beside it; a preset with the teacher's (or the recipe's).
-    tokenizers = [teacher_tokenizer(name) or tokenizer for name in names]
+    saved_tokenizers = [teacher_tokenizer(name) for name in names]
+    tokenizer = saved_tokenizers[0] or build_translation_tokenizer(data_args, corpus)
+    tokenizers = [saved or tokenizer for saved in saved_tokenizers]
+    sources = [str(s) for s in corpus[options.split]["source"]][: options.sentences]
+    models = [load(name, tokenizer) for name in names]
     roles = ["teacher", *["student"] * len(options.student)]
     rows = []
     for beams in (int(b) for b in options.beams.split(",")):
