@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import torch
@@ -33,3 +34,24 @@ def bf16_is_native(use_cpu: bool = False) -> bool:
     if not use_cpu and torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return cpu_has_native_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_autocast_runs_lstm(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``nn.LSTM`` runs under CPU autocast to ``dtype`` on this machine.
+
+    torch sends a CPU LSTM under bf16 autocast to oneDNN, which has no bf16 LSTM without avx512: on an avx2-only CPU
+    (a 2-core AMD EPYC, torch 2.13) the forward fails with "could not create a primitive descriptor". A probe on a
+    tiny LSTM asks the installed torch itself, so a torch that gains the kernel is used as soon as it has it.
+    """
+    # The probe may first run inside a model's forward: it leaves the random stream as it was (the LSTM's init draws
+    # from it) and needs gradients whatever mode the caller is in (training needs the backward kernel too).
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+        lstm = torch.nn.LSTM(4, 4)
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                output, _ = lstm(torch.zeros(2, 1, 4))
+            output.float().sum().backward()
+        except RuntimeError:
+            return False
+    return True

@@ -388,11 +388,76 @@ def test_frozen_head_runs_as_one_matrix_product(dtype):
     # copied once per row: at 2 x 650 and batch 20 that copy doubled the bf16 teacher's step.
     from torch.profiler import ProfilerActivity, profile
 
-    model = LSTMForCausalLM(LSTMLMConfig(vocab_size=64, embedding_size=16, hidden_size=16, num_layers=2)).eval().to(dtype)
+    # The head is told apart by its vocabulary (40, unlike the LSTM's 4 x 16 gates): on a CPU without avx512, torch's
+    # own bf16 LSTM (no oneDNN kernel there) projects its inputs with a bmm of its own, which is not the head's.
+    vocab = 40
+    model = LSTMForCausalLM(LSTMLMConfig(vocab_size=vocab, embedding_size=16, hidden_size=16, num_layers=2)).eval().to(dtype)
     model.requires_grad_(False)
-    ids = torch.randint(0, 64, (4, 7))
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    ids = torch.randint(0, vocab, (4, 7))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         logits = model(input_ids=ids).logits
-    ops = {event.key for event in prof.key_averages()}
-    assert "aten::bmm" not in ops, sorted(ops)
-    assert logits.shape == (4, 7, 64)
+    head_bmms = [event.input_shapes for event in prof.key_averages(group_by_input_shape=True)
+                 if event.key == "aten::bmm" and any(shape and shape[-1] == vocab for shape in event.input_shapes)]  # fmt: skip
+    assert head_bmms == []
+    assert logits.shape == (4, 7, vocab)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_trains_under_cpu_bf16_autocast_on_any_cpu(model, with_mask):
+    # torch's LSTM has no bf16 autocast kernel on a CPU without avx512 (it fails there); the model's LSTM then runs in
+    # float32 inside the autocast region, so `--bf16 true` trains an LSTM on every CPU.
+    model.train()
+    x = torch.randint(0, VOCAB, (3, 7))
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, labels=x, attention_mask=mask if with_mask else None)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_lstm_without_an_autocast_kernel_runs_in_float32_inside_autocast(model, monkeypatch):
+    # Forced to the fallback, the LSTM inside a bf16 autocast region computes exactly what it computes outside one:
+    # the same float32 kernel on the same float32 inputs (packed or not).
+    import seqkd.models.lstm as lstm_module
+
+    monkeypatch.setattr(lstm_module, "cpu_autocast_runs_lstm", lambda dtype: False)
+    x = torch.randn(3, 5, 16)
+    state = (torch.randn(2, 3, 16), torch.randn(2, 3, 16))
+    # The bf16 inputs round x and the state to 8 bits of mantissa; the float32 reference reads the same rounded values.
+    x_bf16, state_bf16 = x.bfloat16(), tuple(s.bfloat16() for s in state)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3, 2]), batch_first=True)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, (h_got, _) = model.lstm(x_bf16, state_bf16)
+            got_packed, _ = model.lstm(packed)
+        expected, (h_expected, _) = model.lstm(x_bf16.float(), tuple(s.float() for s in state_bf16))
+        expected_packed, _ = model.lstm(packed)
+    assert got.dtype == h_got.dtype == got_packed.data.dtype == torch.float32
+    # float32's default tolerance: the two calls may differ by a few ulps where MKL's blocking follows the buffers'
+    # alignment, while an LSTM computed in bf16 would be off by about 1e-2.
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(h_got, h_expected)
+    torch.testing.assert_close(got_packed.data, expected_packed.data)
+
+
+def test_the_autocast_lstm_probe_tells_the_truth_from_any_grad_mode_and_leaves_the_random_stream():
+    from seqkd.hardware import cpu_autocast_runs_lstm
+
+    lstm = torch.nn.LSTM(8, 8)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, _ = lstm(torch.randn(3, 2, 8))
+        output.float().sum().backward()
+        runs = True
+    except RuntimeError:
+        runs = False
+    cpu_autocast_runs_lstm.cache_clear()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a model's first LSTM call may be in an evaluation or a frozen teacher's forward
+        probed = cpu_autocast_runs_lstm(torch.bfloat16)
+    drawn_after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(drawn_after, torch.rand(4))
+    assert probed is runs

@@ -33,13 +33,14 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from seqkd.errors import InvalidValueError
+from seqkd.hardware import cpu_autocast_runs_lstm
 
 __all__ = [
     "LSTMLMConfig",
@@ -195,6 +196,33 @@ class LSTMGenerationState:
 # --------------------------------------------------------------------------------------------------
 
 
+class AutocastSafeLSTM(nn.LSTM):
+    """``nn.LSTM`` that runs in float32 where CPU autocast has no LSTM kernel for its dtype.
+
+    Under bf16 autocast on a CPU without avx512, torch's LSTM fails instead of falling back (see
+    :func:`seqkd.hardware.cpu_autocast_runs_lstm`); there this module runs outside autocast, in float32, as autocast
+    does for any op it cannot lower, and the rest of the model keeps its autocast. Its parameters, and so its
+    checkpoints, are ``nn.LSTM``'s.
+    """
+
+    def forward(self, input, hx=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not (
+            data.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and not cpu_autocast_runs_lstm(torch.get_autocast_dtype("cpu"))
+        ):
+            return super().forward(input, hx)
+        if isinstance(input, PackedSequence):
+            input = input._replace(data=input.data.float())
+        else:
+            input = input.float()
+        if hx is not None:
+            hx = tuple(state.float() for state in hx)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(input, hx)
+
+
 class LSTMPreTrainedModel(PreTrainedModel):
     config_class = LSTMLMConfig
     config: LSTMLMConfig
@@ -246,7 +274,7 @@ class LSTMForCausalLM(LSTMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
-        self.lstm = nn.LSTM(
+        self.lstm = AutocastSafeLSTM(
             input_size=config.embedding_size,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,

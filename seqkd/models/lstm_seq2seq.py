@@ -57,6 +57,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from seqkd.errors import InvalidValueError
+from seqkd.models.lstm import AutocastSafeLSTM
 
 __all__ = [
     "LSTMSeq2SeqConfig",
@@ -320,7 +321,7 @@ class LSTMSeq2SeqEncoder(nn.Module):
         self.config = config
         self.embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
-        self.lstm = nn.LSTM(
+        self.lstm = AutocastSafeLSTM(
             input_size=config.embedding_size,
             hidden_size=config.encoder_direction_size,
             num_layers=config.encoder_layers,
@@ -377,7 +378,7 @@ class LSTMSeq2SeqDecoder(nn.Module):
         self.embeddings = nn.Embedding(config.vocab_size, config.embedding_size)
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         extra_input = hidden if (config.attention == "bahdanau" or config.input_feeding) else 0
-        self.lstm = nn.LSTM(
+        self.lstm = AutocastSafeLSTM(
             input_size=config.embedding_size + extra_input,
             hidden_size=hidden,
             num_layers=config.decoder_layers,
