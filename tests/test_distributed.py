@@ -229,8 +229,8 @@ def test_fsdp2_shards_the_teacher_with_its_own_wrapping(setup, tmp_path):
     assert result["fsdp2"]
     assert result["teacher_sharded_before"] and result["teacher_sharded_after"]
     assert not result["teacher_among_models"]
-    assert "LSTM" in result["teacher_units"] and "GPT2Block" not in result["teacher_units"]
-    assert "GPT2Block" in result["student_units"] and "LSTM" not in result["student_units"]
+    assert "AutocastSafeLSTM" in result["teacher_units"] and "GPT2Block" not in result["teacher_units"]
+    assert "GPT2Block" in result["student_units"] and "AutocastSafeLSTM" not in result["student_units"]
     assert result["teacher_frozen"] and result["teacher_unchanged"]
 
 

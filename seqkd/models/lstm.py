@@ -230,7 +230,7 @@ class LSTMPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
     _is_stateful = True
-    _no_split_modules = ["LSTM"]
+    _no_split_modules = ["AutocastSafeLSTM"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
