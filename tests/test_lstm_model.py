@@ -391,13 +391,17 @@ def test_frozen_head_runs_as_one_matrix_product(dtype):
     # The head is told apart by its vocabulary (40, unlike the LSTM's 4 x 16 gates): on a CPU without avx512, torch's
     # own bf16 LSTM (no oneDNN kernel there) projects its inputs with a bmm of its own, which is not the head's.
     vocab = 40
-    model = LSTMForCausalLM(LSTMLMConfig(vocab_size=vocab, embedding_size=16, hidden_size=16, num_layers=2)).eval().to(dtype)
+    config = LSTMLMConfig(vocab_size=vocab, embedding_size=16, hidden_size=16, num_layers=2)
+    model = LSTMForCausalLM(config).eval().to(dtype)
     model.requires_grad_(False)
     ids = torch.randint(0, vocab, (4, 7))
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         logits = model(input_ids=ids).logits
-    head_bmms = [event.input_shapes for event in prof.key_averages(group_by_input_shape=True)
-                 if event.key == "aten::bmm" and any(shape and shape[-1] == vocab for shape in event.input_shapes)]  # fmt: skip
+    head_bmms = [
+        event.input_shapes
+        for event in prof.key_averages(group_by_input_shape=True)
+        if event.key == "aten::bmm" and any(shape and shape[-1] == vocab for shape in event.input_shapes)
+    ]
     assert head_bmms == []
     assert logits.shape == (4, 7, vocab)
 
