@@ -937,6 +937,25 @@ class DistillationTrainer(Seq2SeqTrainer):
             setattr(self, f"_{owner}_state", tuple(parts) if parts else None)
         self._keep_loaded_state = True
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # transformers forgives missing keys only when they are exactly _keys_to_ignore_on_save, so a model with
+        # tied embeddings (every Marian and GPT-2 checkpoint saves the shared matrix once) warned on every resume
+        # and every best-model reload. A tied copy shares its storage with a key that was loaded, so it is not
+        # missing; anything else still is, and still warns.
+        model = self.accelerator.unwrap_model(self.model)
+        state = model.state_dict()
+        missing = set(load_result.missing_keys)
+        loaded_storage = {t.data_ptr() for k, t in state.items() if k not in missing}
+        expected = set(model._keys_to_ignore_on_save or ())
+        still_missing = [
+            k
+            for k in load_result.missing_keys
+            if k not in expected and not (k in state and state[k].data_ptr() in loaded_storage)
+        ]
+        if len(still_missing) < len(load_result.missing_keys):
+            model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=still_missing))
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)

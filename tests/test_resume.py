@@ -163,3 +163,37 @@ def test_a_checkpoint_without_the_stream_state_is_refused_before_training(corpus
     with pytest.raises(MissingInputError, match=message):
         trainer().train(resume_from_checkpoint=True)
     assert steps == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "marian"])
+def test_a_tied_model_resumes_warning_only_about_keys_really_missing(corpus, tmp_path, monkeypatch, family):  # noqa
+    # Tied embeddings are saved once; transformers' Trainer called the other copies missing on every resume and
+    # every best-model reload, which hid a real missing key among false ones.
+    import transformers.trainer
+    from safetensors.torch import save_file
+
+    from seqkd.models import build_seq2seq
+
+    tokenizer = corpus[0]
+    torch.manual_seed(0)
+    options = {} if family == "gpt2" else dict(decoder_start_token_id=0)  # the corpus has no bos or pad token
+    build = build_causal_lm if family == "gpt2" else build_seq2seq
+    saved = build(f"{family}-tiny", tokenizer=tokenizer, **options)
+    checkpoint = tmp_path / "checkpoint-1"
+    saved.save_pretrained(checkpoint)
+    warnings = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warnings.append(message))
+
+    torch.manual_seed(1)
+    student = build(f"{family}-tiny", tokenizer=tokenizer, **options)
+    trainer = DistillationTrainer(model=student, args=make_args(tmp_path, loss="ce"))
+    trainer._load_from_checkpoint(str(checkpoint))
+    assert warnings == []
+    for name, value in trainer.model.state_dict().items():  # every copy, tied or not, holds the saved weights
+        assert torch.equal(value, saved.state_dict()[name]), name
+
+    weights = load_file(checkpoint / "model.safetensors")
+    lost = next(k for k in weights if "layers.0" in k or ".h.0." in k)
+    save_file({k: v for k, v in weights.items() if k != lost}, checkpoint / "model.safetensors", {"format": "pt"})
+    trainer._load_from_checkpoint(str(checkpoint))
+    assert len(warnings) == 1 and repr([lost]) in warnings[0]
