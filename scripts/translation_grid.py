@@ -9,11 +9,11 @@ trained), its BLEU, chrF, perplexity and stability, and every student it teaches
 recipe's ``distilled_data`` section, decoded by ``seqkd distill-data`` just before the first student that
 reads it), or both. ``teacher_cache`` (fields of ``seqkd cache-teacher``, e.g. ``{cache_top_k: 64}``) makes the
 word-level students on gold targets read a cache of their teacher, written once per teacher, instead of running it
-at every step. ``eval_num_beams`` adds test BLEU, chrF and decoding speed (sentences/s, each student against its teacher) with
-those beams. OUTPUT/results.md,
-OUTPUT/rows.json and OUTPUT/bleu.png are rewritten after every finished run. Fields after the recipe override
-every run. A restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an
-interrupted distilled corpus from its last whole shard). ``seeds`` (a list) trains every student once per seed: the
+at every step. ``eval_num_beams`` adds test BLEU, chrF and decoding speed (sentences/s, each student against its
+teacher) with those beams. OUTPUT/results.md, OUTPUT/rows.json, OUTPUT/bleu.png and OUTPUT/validation.png (every
+run's validation curve) are rewritten after every finished run. Fields after the recipe override every run. A
+restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an interrupted
+distilled corpus from its last whole shard). ``seeds`` (a list) trains every student once per seed: the
 run with the recipe's own seed keeps its plain folder name (so runs made before seeds were listed count), the others
 get ``-seedN``; results.md then adds each cell's mean and standard deviation over its seeds. ``--only PATTERN ...``
 trains only the runs whose folder names match (shell patterns, e.g. ``'*-seq-kd-from-ce'``) and the teachers they
@@ -305,7 +305,7 @@ def _beam_sizes(rows: list[dict]) -> list[int]:
 
 
 def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
-    """OUTPUT/results.md (the tables), rows.json and bleu.png, from the rows finished so far."""
+    """OUTPUT/results.md (the tables), rows.json, bleu.png and validation.png, from the rows finished so far."""
     teachers = [r for r in rows if r["role"] == "teacher"]
     students = [r for r in rows if r["role"] == "student"]
     data = [r for r in rows if r["role"] == "data"]
@@ -368,12 +368,14 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
     lines += _over_seeds(students, beams)
     lines += _decoding_speed(teachers, students, beams)
     lines += _teacher_comparison(teachers, students)
+    lines += _validation_curves(teachers + students)
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(output, "rows.json"), "w") as f:  # what scripts/paired_bleu.py compares
         json.dump(rows, f, indent=2)
     _plot(teachers, students, output)
+    _plot_validation(teachers, students, output)
     if not quiet:
         print("\n".join(lines))
 
@@ -461,6 +463,62 @@ def _teacher_comparison(teachers: list[dict], students: list[dict]) -> list[str]
         if a is not None and b is not None:
             lines.append(f"| {student} | {loss} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
     return lines
+
+
+def _validation_metric(rows: list[dict]) -> str | None:
+    """The metric every run's validation curve has: BLEU where the runs scored it each epoch, else the loss."""
+    keys = [{k for e in r["eval_history"] for k in e} for r in rows if r.get("eval_history")]
+    if not keys:
+        return None
+    return next((m for m in ("eval_bleu", "eval_loss") if all(m in k for k in keys)), None)
+
+
+def _validation_curves(rows: list[dict]) -> list[str]:
+    metric = _validation_metric(rows)
+    if metric is None:
+        return []
+    name = {"eval_bleu": "BLEU", "eval_loss": "loss"}[metric]
+    pick = max if metric == "eval_bleu" else min
+    lines = ["", f"## Validation {name} by epoch (best in bold; validation.png plots them)", ""]
+    for r in rows:
+        values = [e[metric] for e in r.get("eval_history") or () if metric in e]
+        if values:
+            best = values.index(pick(values))
+            spec = ".1f" if metric == "eval_bleu" else ".3f"
+            cells = [f"**{v:{spec}}**" if i == best else f"{v:{spec}}" for i, v in enumerate(values)]
+            lines.append(f"- {r['run']}: {', '.join(cells)}")
+    return lines
+
+
+def _plot_validation(teachers: list[dict], students: list[dict], output: str) -> None:
+    """OUTPUT/validation.png: every run's validation curve by epoch, coloured by its teacher as in bleu.png."""
+    metric = _validation_metric(teachers + students)
+    if metric is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"": "C7", **{t["name"]: f"C{i}" for i, t in enumerate(teachers)}}
+    styles = {}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in teachers + students:
+        points = [(e["epoch"], e[metric]) for e in r.get("eval_history") or () if metric in e]
+        if not points:
+            continue
+        teacher_row = r["role"] == "teacher"
+        style = "-" if teacher_row else styles.setdefault(r["loss"], ["-", "--", ":", "-."][len(styles) % 4])
+        ax.plot(*zip(*points), style, color="black" if teacher_row else colours.get(r["teacher"], "C7"),
+                linewidth=2 if teacher_row else 1, label=r["run"])  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel({"eval_bleu": "validation BLEU", "eval_loss": "validation loss"}[metric])
+    ax.set_title("Validation by epoch (colour: the student's teacher; black: teachers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output, "validation.png"), dpi=120)
+    plt.close(fig)
 
 
 def _plot(teachers: list[dict], students: list[dict], output: str) -> None:

@@ -285,13 +285,27 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
         metrics.update(best_metric=trainer.state.best_metric, best_step=best_step,
                        best_epoch=round(best_epoch, 2) if best_epoch is not None else None,
                        stopped_early=trainer.state.global_step < trainer.state.max_steps)  # fmt: skip
+    # The run's validation curve outlives its checkpoints: whether it had converged, and the grid's plot, read it.
+    metrics["eval_history"] = _eval_history(trainer.state.log_history)
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if k.startswith(split) and not k.endswith("_tokens")})
     save_model_atomically(trainer, os.path.join(args.output_dir, "model"), metrics)
     if trainer.is_world_process_zero():
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "eval_history"}, indent=2))  # in metrics.json
     return metrics
+
+
+def _eval_history(log_history: list[dict]) -> list[dict]:
+    """One ``{"epoch": ..., "step": ..., "eval_<metric>": ...}`` per evaluation during training, in order; timings
+    left out, since they measure the machine rather than the model."""
+    history = []
+    for entry in log_history:
+        scores = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                  and not k.endswith(("_runtime", "_per_second"))}  # fmt: skip
+        if scores:
+            history.append({"epoch": round(entry.get("epoch", 0.0), 2), "step": entry.get("step"), **scores})
+    return history
 
 
 def command_cache_teacher(argv: list[str]) -> dict:

@@ -314,6 +314,11 @@ def test_early_stopping_keeps_the_best_checkpoint_and_reports_the_epochs(recipe,
     # the finished run keeps the best checkpoint alone (transformers drops the last one at the end with limit 1)
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{steps_per_epoch}"]
     assert metrics["best_metric"] == pytest.approx(metrics["validation_loss"], rel=1e-6)
+    # the validation curve, one point per epoch, stays in metrics.json after the checkpoints are gone
+    history = metrics["eval_history"]
+    assert [(e["epoch"], e["step"]) for e in history] == [(float(i), i * steps_per_epoch) for i in (1, 2, 3)]
+    assert history[0]["eval_loss"] == pytest.approx(metrics["best_metric"], rel=1e-6)
+    assert not any(k.endswith(("_runtime", "_per_second")) for e in history for k in e)
     # the final evaluations (validation_*, test_*) do not wake the stopper, which would warn that eval_* is missing
     assert not [r for r in warnings.records if "early stopping required" in r.getMessage()]
     with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
@@ -346,6 +351,10 @@ def test_a_run_resumed_on_a_plateau_keeps_its_patience_count(recipe, corpus_dir,
     uninterrupted = json.loads((tmp_path / "uninterrupted" / "model" / "metrics.json").read_text())
     for metrics in (resumed, uninterrupted):
         assert metrics["stopped_early"] and metrics["epochs"] == pytest.approx(4.0) and metrics["best_epoch"] == 1.0
+    # the resumed run's curve includes the evaluations made before the interruption
+    assert [e["epoch"] for e in resumed["eval_history"]] == [e["epoch"] for e in uninterrupted["eval_history"]] == [
+        1.0, 2.0, 3.0, 4.0
+    ]
 
 
 @pytest.mark.parametrize("native", [True, False])

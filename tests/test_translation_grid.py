@@ -13,6 +13,7 @@ from conftest import load_script
 
 def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, tmp_path, capsys, monkeypatch):  # noqa: F811
     teacher = yaml.safe_load(recipe.read_text())
+    teacher["eval_strategy"] = "epoch"  # validation BLEU after every epoch, for the validation curves
     (tmp_path / "ls.yaml").write_text(yaml.safe_dump({**teacher, "loss": "ls", "label_smoothing": 0.1, "num_train_epochs": 2}))
     (tmp_path / "ce.yaml").write_text(yaml.safe_dump({**teacher, "loss": "ce", "label_smoothing": 0.0, "num_train_epochs": 2}))
     grid = tmp_path / "grid.yaml"
@@ -43,6 +44,11 @@ def test_grid_trains_every_cell_writes_results_and_skips_finished_runs(recipe, t
     ls_bleu, ce_bleu = bleu[("kd", "ls")], bleu[("kd", "ce")]
     assert f"| tiny | kd | {ls_bleu:.2f} | {ce_bleu:.2f} | {ls_bleu - ce_bleu:+.2f} |" in results
     assert (out / "bleu.png").stat().st_size > 1000
+    # every run's validation curve: one point per epoch (teachers 2, students 1), listed and plotted
+    curves = {r["run"]: [e["epoch"] for e in r["eval_history"]] for r in rows}
+    assert curves["teacher-ls"] == [1.0, 2.0] and curves["tiny-kd-from-ce"] == [1.0]
+    assert "## Validation BLEU by epoch" in results and "- teacher-ce: " in results
+    assert (out / "validation.png").stat().st_size > 1000
     stamp = (out / "tiny-kd-from-ls" / "model" / "metrics.json").stat().st_mtime_ns
     module.run_grid(str(grid), [], str(out))  # everything finished: nothing is trained again
     assert (out / "tiny-kd-from-ls" / "model" / "metrics.json").stat().st_mtime_ns == stamp
@@ -319,3 +325,35 @@ def test_grid_refuses_bad_seeds(tmp_path, seeds):
                                     "losses": {"kd": {"loss": "kd"}}, "seeds": seeds}))  # fmt: skip
     with pytest.raises(ValueError, match="seeds of grid recipe .* must be a non-empty list of distinct integers"):
         load_script("translation_grid")._read_grid(str(grid))
+
+
+def test_validation_curves_are_listed_with_the_best_epoch_in_bold_and_plotted(tmp_path):
+    def row(role, run, history, **fields):
+        return {"role": role, "name": "s", "loss": "ce", "teacher": "", "data": "gold", "run": run,
+                "test_bleu": 30.0, "test_chrf": 50.0, "test_perplexity": 6.0, "stability": 0.8,
+                "eval_history": history, **fields}  # fmt: skip
+
+    def curve(values, **more):
+        return [{"epoch": float(i + 1), "step": 10 * (i + 1), "eval_bleu": v, "eval_loss": 3.0 - v / 100, **more}
+                for i, v in enumerate(values)]  # fmt: skip
+
+    module = load_script("translation_grid")
+    rows = [row("teacher", "teacher-t", curve([10.0, 30.25, 29.0]), name="t"),
+            row("student", "s-ce", curve([5.0, 20.0, 25.04, 24.0])),
+            row("student", "s-kd-from-t", curve([7.0, 22.0]), loss="kd", teacher="t"),
+            row("student", "s-old", None)]  # fmt: skip  (a run finished before metrics kept its curve)
+    module.write_results(rows, str(tmp_path), quiet=True)
+    results = (tmp_path / "results.md").read_text()
+    assert "- teacher-t: 10.0, **30.2**, 29.0" in results
+    assert "- s-ce: 5.0, 20.0, **25.0**, 24.0" in results and "- s-kd-from-t: 7.0, **22.0**" in results
+    assert "s-old:" not in results
+    assert (tmp_path / "validation.png").stat().st_size > 1000
+    # a run that scored no BLEU each epoch: every curve falls back to the loss, whose best is its lowest
+    rows[2]["eval_history"] = [{k: v for k, v in e.items() if k != "eval_bleu"} for e in rows[2]["eval_history"]]
+    module.write_results(rows, str(tmp_path), quiet=True)
+    results = (tmp_path / "results.md").read_text()
+    assert "## Validation loss by epoch" in results and "- s-kd-from-t: 2.930, **2.780**" in results
+    # no curve at all (a grid made before metrics kept them): no section and no plot
+    (tmp_path / "validation.png").unlink()
+    module.write_results([row("teacher", "teacher-t", None, name="t")], str(tmp_path), quiet=True)
+    assert "Validation" not in (tmp_path / "results.md").read_text() and not (tmp_path / "validation.png").exists()
