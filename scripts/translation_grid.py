@@ -491,7 +491,7 @@ def _validation_curves(rows: list[dict]) -> list[str]:
 
 
 def _plot_validation(teachers: list[dict], students: list[dict], output: str) -> None:
-    """OUTPUT/validation.png: every run's validation curve by epoch, coloured by its teacher as in bleu.png."""
+    """OUTPUT/validation.png: every run's validation curve by epoch, a student in its teacher's colour."""
     metric = _validation_metric(teachers + students)
     if metric is None:
         return
@@ -509,11 +509,11 @@ def _plot_validation(teachers: list[dict], students: list[dict], output: str) ->
             continue
         teacher_row = r["role"] == "teacher"
         style = "-" if teacher_row else styles.setdefault(r["loss"], ["-", "--", ":", "-."][len(styles) % 4])
-        ax.plot(*zip(*points), style, color="black" if teacher_row else colours.get(r["teacher"], "C7"),
-                linewidth=2 if teacher_row else 1, label=r["run"])  # fmt: skip
+        colour = colours[r["name"]] if teacher_row else colours.get(r["teacher"], "C7")
+        ax.plot(*zip(*points), style, color=colour, linewidth=2.5 if teacher_row else 1, label=r["run"])
     ax.set_xlabel("epoch")
     ax.set_ylabel({"eval_bleu": "validation BLEU", "eval_loss": "validation loss"}[metric])
-    ax.set_title("Validation by epoch (colour: the student's teacher; black: teachers)")
+    ax.set_title("Validation by epoch (colour: the teacher; thick: the teacher itself; grey: no teacher)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
