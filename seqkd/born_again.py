@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 from seqkd.evaluation import corpus_perplexity, is_stateful
 from seqkd.data.text import evaluation_dataloader
 from seqkd.pipeline import load_saved_model
-from seqkd.trainer import DistillationArguments, DistillationTrainer, save_model_atomically
+from seqkd.trainer import DistillationArguments, DistillationTrainer, eval_history, save_model_atomically
 from seqkd.errors import InvalidValueError
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ def run_born_again(
             "parameters": sum(p.numel() for p in student.parameters()),
             "train_runtime_s": round(train_output.metrics.get("train_runtime", time.time() - started), 1),
             "train_loss": train_output.metrics.get("train_loss"),
+            "eval_history": eval_history(trainer.state.log_history),
         }
         for split, dataset in eval_datasets.items():
             split_metrics = trainer.evaluate(dataset, metric_key_prefix=split)
@@ -320,6 +321,15 @@ def write_results(results: list[dict], output_dir: str, splits: list[str]) -> No
         values = " | ".join(f"{row[f'{s}_perplexity']:.2f}" for s in splits)
         train_time = row.get("train_runtime_s", "")
         lines.append(f"| {row['generation']} | {row['loss']} | {values} | {row['parameters']:,} | {train_time} |")
+    curves = [(r["generation"], [e["eval_perplexity"] for e in r.get("eval_history") or () if "eval_perplexity" in e])
+              for r in results]  # fmt: skip
+    curves = [(generation, values) for generation, values in curves if values]
+    if curves:
+        lines += ["", f"## {splits[0].capitalize()} perplexity by epoch, while training (best in bold)", ""]
+        for generation, values in curves:
+            best = values.index(min(values))
+            cells = [f"**{v:.1f}**" if i == best else f"{v:.1f}" for i, v in enumerate(values)]
+            lines.append(f"- generation {generation}: {', '.join(cells)}")
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(results, output_dir, splits)
@@ -333,7 +343,12 @@ def _plot(results: list[dict], output_dir: str, splits: list[str]) -> None:
 
     generations = [r for r in results if r["generation"] != "ensemble"]
     ensemble = next((r for r in results if r["generation"] == "ensemble"), None)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Beside the generations, each one's curve while it trained, where the runs kept them.
+    curves = [(r["generation"], [(e["epoch"], e["eval_perplexity"]) for e in r.get("eval_history") or ()
+                                 if "eval_perplexity" in e]) for r in generations]  # fmt: skip
+    curves = [(generation, points) for generation, points in curves if points]
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(11 if curves else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for i, split in enumerate(splits):
         color = f"C{i}"
         xs = [r["generation"] for r in generations]
@@ -346,6 +361,17 @@ def _plot(results: list[dict], output_dir: str, splits: list[str]) -> None:
     ax.set_title("Born-Again generations")
     ax.grid(alpha=0.3)
     ax.legend()
+    if curves:
+        by_epoch = axes[0][1]
+        for generation, points in curves:
+            by_epoch.plot(*zip(*points), "o-", markersize=3, label=f"generation {generation}")
+        if ensemble is not None:
+            by_epoch.axhline(ensemble[f"{splits[0]}_perplexity"], color="0.4", linestyle="--", label="ensemble")
+        by_epoch.set_xlabel("epoch")
+        by_epoch.set_ylabel(f"{splits[0]} perplexity")
+        by_epoch.set_title("Each generation while it trained")
+        by_epoch.grid(alpha=0.3)
+        by_epoch.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(output_dir, "perplexity.png"), dpi=120)
     plt.close(fig)

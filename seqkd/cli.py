@@ -221,7 +221,7 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from seqkd.trainer import DistillationTrainer, save_model_atomically
+    from seqkd.trainer import DistillationTrainer, eval_history, save_model_atomically
 
     model_args, data_args, args = parse_command_line("distill" if distill else "train", argv)
     has_teacher = bool(args.teacher_model_name_or_path or args.teacher_cache)
@@ -286,7 +286,7 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
                        best_epoch=round(best_epoch, 2) if best_epoch is not None else None,
                        stopped_early=trainer.state.global_step < trainer.state.max_steps)  # fmt: skip
     # The run's validation curve outlives its checkpoints: whether it had converged, and the grid's plot, read it.
-    metrics["eval_history"] = _eval_history(trainer.state.log_history)
+    metrics["eval_history"] = eval_history(trainer.state.log_history)
     for split, dataset in evals.items():
         result = trainer.evaluate(dataset, metric_key_prefix=split)
         metrics.update({k: v for k, v in result.items() if k.startswith(split) and not k.endswith("_tokens")})
@@ -295,17 +295,6 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
         print(json.dumps({k: v for k, v in metrics.items() if k != "eval_history"}, indent=2))  # in metrics.json
     return metrics
 
-
-def _eval_history(log_history: list[dict]) -> list[dict]:
-    """One ``{"epoch": ..., "step": ..., "eval_<metric>": ...}`` per evaluation during training, in order; timings
-    left out, since they measure the machine rather than the model."""
-    history = []
-    for entry in log_history:
-        scores = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))
-                  and not k.endswith(("_runtime", "_per_second"))}  # fmt: skip
-        if scores:
-            history.append({"epoch": round(entry.get("epoch", 0.0), 2), "step": entry.get("step"), **scores})
-    return history
 
 
 def command_cache_teacher(argv: list[str]) -> dict:

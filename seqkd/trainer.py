@@ -978,6 +978,19 @@ class DistillationTrainer(Seq2SeqTrainer):
         return output
 
 
+def eval_history(log_history: list[dict]) -> list[dict]:
+    """One ``{"epoch": ..., "step": ..., "eval_<metric>": ...}`` per evaluation during training, in order, from a
+    trainer's ``state.log_history``; timings and token counts left out, since they describe the machine and the data
+    rather than the model."""
+    history = []
+    for entry in log_history:
+        scores = {k: v for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                  and not k.endswith(("_runtime", "_per_second", "_tokens"))}  # fmt: skip
+        if scores:
+            history.append({"epoch": round(entry.get("epoch", 0.0), 2), "step": entry.get("step"), **scores})
+    return history
+
+
 def _saved_patience_counter(checkpoint: str | None) -> int:
     """How many evaluations in a row had not improved when ``checkpoint`` was saved (0 when starting afresh).
 

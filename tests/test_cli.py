@@ -188,6 +188,12 @@ def test_born_again_writes_generations_results_plot_and_skips_finished_ones(reci
         metrics = json.loads((out / f"gen-{generation}" / "metrics.json").read_text())
         assert metrics["loss"] == ("ce" if generation == 0 else "ban")
         assert math.isfinite(metrics["validation_perplexity"]) and math.isfinite(metrics["test_perplexity"])
+        # each generation's curve while it trained (2 epochs), which results.md lists with the best in bold
+        curve = [e["eval_perplexity"] for e in metrics["eval_history"]]
+        assert [e["epoch"] for e in metrics["eval_history"]] == [1.0, 2.0]
+        best = min(curve)
+        line = ", ".join(f"**{v:.1f}**" if v == best else f"{v:.1f}" for v in curve)
+        assert f"- generation {generation}: {line}" in (out / "results.md").read_text()
     results = (out / "results.md").read_text()
     assert "| 0 | ce |" in results and "| 1 | ban |" in results and "| ensemble |" in results
     assert (out / "perplexity.png").stat().st_size > 1000
