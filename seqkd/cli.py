@@ -296,7 +296,6 @@ def command_train(argv: list[str], *, distill: bool) -> dict:
     return metrics
 
 
-
 def command_cache_teacher(argv: list[str]) -> dict:
     from seqkd.data.text import StreamBatches
     from seqkd.teacher_cache import cache_teacher, cached_positions

@@ -939,7 +939,7 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _issue_warnings_after_load(self, load_result) -> None:
         # transformers forgives missing keys only when they are exactly _keys_to_ignore_on_save, so a model with
-        # tied embeddings (every Marian and GPT-2 checkpoint saves the shared matrix once) warned on every resume
+        # tied embeddings (Marian, GPT-2 and both LSTM families save the shared matrix once) warned on every resume
         # and every best-model reload. A tied copy shares its storage with a key that was loaded, so it is not
         # missing; anything else still is, and still warns.
         model = self.accelerator.unwrap_model(self.model)
