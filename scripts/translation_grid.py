@@ -35,6 +35,7 @@ import yaml
 
 from seqkd.cli import command_cache_teacher, command_distill_data, command_evaluate, command_train, parse_command_line
 from seqkd.sequence_kd import MANIFEST_FILE
+from seqkd.trainer import eval_curve, format_curve
 
 GRID_KEYS = {"teachers", "students", "losses", "training", "output_dir", "distilled_data", "eval_num_beams", "teacher_cache",
              "seeds"}  # fmt: skip
@@ -477,16 +478,12 @@ def _validation_curves(rows: list[dict]) -> list[str]:
     metric = _validation_metric(rows)
     if metric is None:
         return []
-    name = {"eval_bleu": "BLEU", "eval_loss": "loss"}[metric]
-    pick = max if metric == "eval_bleu" else min
+    name, best, spec = {"eval_bleu": ("BLEU", max, ".1f"), "eval_loss": ("loss", min, ".3f")}[metric]
     lines = ["", f"## Validation {name} by epoch (best in bold; validation.png plots them)", ""]
     for r in rows:
-        values = [e[metric] for e in r.get("eval_history") or () if metric in e]
-        if values:
-            best = values.index(pick(values))
-            spec = ".1f" if metric == "eval_bleu" else ".3f"
-            cells = [f"**{v:{spec}}**" if i == best else f"{v:{spec}}" for i, v in enumerate(values)]
-            lines.append(f"- {r['run']}: {', '.join(cells)}")
+        points = eval_curve(r.get("eval_history"), metric)
+        if points:
+            lines.append(f"- {r['run']}: {format_curve([v for _, v in points], best, spec)}")
     return lines
 
 
@@ -504,7 +501,7 @@ def _plot_validation(teachers: list[dict], students: list[dict], output: str) ->
     styles = {}
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in teachers + students:
-        points = [(e["epoch"], e[metric]) for e in r.get("eval_history") or () if metric in e]
+        points = eval_curve(r.get("eval_history"), metric)
         if not points:
             continue
         teacher_row = r["role"] == "teacher"

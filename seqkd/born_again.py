@@ -26,7 +26,14 @@ from transformers.utils import ModelOutput
 from seqkd.evaluation import corpus_perplexity, is_stateful
 from seqkd.data.text import evaluation_dataloader
 from seqkd.pipeline import load_saved_model
-from seqkd.trainer import DistillationArguments, DistillationTrainer, eval_history, save_model_atomically
+from seqkd.trainer import (
+    DistillationArguments,
+    DistillationTrainer,
+    eval_curve,
+    eval_history,
+    format_curve,
+    save_model_atomically,
+)
 from seqkd.errors import InvalidValueError
 
 logger = logging.getLogger(__name__)
@@ -321,15 +328,12 @@ def write_results(results: list[dict], output_dir: str, splits: list[str]) -> No
         values = " | ".join(f"{row[f'{s}_perplexity']:.2f}" for s in splits)
         train_time = row.get("train_runtime_s", "")
         lines.append(f"| {row['generation']} | {row['loss']} | {values} | {row['parameters']:,} | {train_time} |")
-    curves = [(r["generation"], [e["eval_perplexity"] for e in r.get("eval_history") or () if "eval_perplexity" in e])
-              for r in results]  # fmt: skip
-    curves = [(generation, values) for generation, values in curves if values]
+    curves = [(r["generation"], eval_curve(r.get("eval_history"), "eval_perplexity")) for r in results]
+    curves = [(generation, points) for generation, points in curves if points]
     if curves:
         lines += ["", f"## {splits[0].capitalize()} perplexity by epoch, while training (best in bold)", ""]
-        for generation, values in curves:
-            best = values.index(min(values))
-            cells = [f"**{v:.1f}**" if i == best else f"{v:.1f}" for i, v in enumerate(values)]
-            lines.append(f"- generation {generation}: {', '.join(cells)}")
+        for generation, points in curves:
+            lines.append(f"- generation {generation}: {format_curve([v for _, v in points], min, '.1f')}")
     with open(os.path.join(output_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(results, output_dir, splits)
@@ -344,8 +348,7 @@ def _plot(results: list[dict], output_dir: str, splits: list[str]) -> None:
     generations = [r for r in results if r["generation"] != "ensemble"]
     ensemble = next((r for r in results if r["generation"] == "ensemble"), None)
     # Beside the generations, each one's curve while it trained, where the runs kept them.
-    curves = [(r["generation"], [(e["epoch"], e["eval_perplexity"]) for e in r.get("eval_history") or ()
-                                 if "eval_perplexity" in e]) for r in generations]  # fmt: skip
+    curves = [(r["generation"], eval_curve(r.get("eval_history"), "eval_perplexity")) for r in generations]
     curves = [(generation, points) for generation, points in curves if points]
     fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(11 if curves else 6, 4), squeeze=False)
     ax = axes[0][0]

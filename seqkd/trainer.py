@@ -952,8 +952,6 @@ class DistillationTrainer(Seq2SeqTrainer):
             for k in load_result.missing_keys
             if k not in expected and not (k in state and state[k].data_ptr() in loaded_storage)
         ]
-        if len(still_missing) < len(load_result.missing_keys):
-            model.tie_weights()
         super()._issue_warnings_after_load(load_result._replace(missing_keys=still_missing))
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -989,6 +987,17 @@ def eval_history(log_history: list[dict]) -> list[dict]:
         if scores:
             history.append({"epoch": round(entry.get("epoch", 0.0), 2), "step": entry.get("step"), **scores})
     return history
+
+
+def eval_curve(history: list[dict] | None, metric: str) -> list[tuple[float, float]]:
+    """``(epoch, value)`` of ``metric`` (e.g. ``"eval_bleu"``) from an :func:`eval_history`; empty without one."""
+    return [(entry["epoch"], entry[metric]) for entry in history or () if metric in entry]
+
+
+def format_curve(values: list[float], best, spec: str) -> str:
+    """``values`` comma-separated, the first ``best`` one (``max`` or ``min``) in bold: a line of a results.md."""
+    top = values.index(best(values))
+    return ", ".join(f"**{v:{spec}}**" if i == top else f"{v:{spec}}" for i, v in enumerate(values))
 
 
 def _saved_patience_counter(checkpoint: str | None) -> int:
