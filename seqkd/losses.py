@@ -125,6 +125,12 @@ class SparseTeacher:
         return (*self.ids.shape[:-1], self.vocab_size)
 
     @property
+    def is_whole(self) -> bool:
+        """Whether it holds the whole vocabulary (k = V): then it is the dense teacher, which one scatter gives
+        back, and the losses take their dense kernels, faster than gathering V entries per token."""
+        return self.ids.shape[-1] == self.vocab_size
+
+    @property
     def device(self) -> torch.device:
         return self.ids.device
 
@@ -143,10 +149,10 @@ class SparseTeacher:
 
     def dense_logprobs(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """Rows ``start:stop`` (of the flattened tokens) as dense ``[n, V]`` log-probabilities."""
-        if self.tail != "uniform":
+        tail = self.vocab_size - self.ids.shape[-1]
+        if self.tail != "uniform" and tail > 0:
             raise InvalidValueError(f"a SparseTeacher with tail={self.tail!r} has no dense form without the student")
         ids, logprobs = self.ids[start:stop].long(), self.logprobs[start:stop].to(dtype)
-        tail = self.vocab_size - ids.shape[-1]
         if tail > 0:
             if self.residual is not None:
                 residual = self.residual[start:stop].to(dtype).clamp(min=0.0)
@@ -465,9 +471,10 @@ def _gold_and_forward_kl_kernel(s, t, y, aux, params, want_grad):
 _gold_and_forward_kl_kernel.takes_sparse_teacher = True
 
 
-def _dkd_kernel(s, t, y, aux, params, want_grad):
-    temperature, alpha, beta = params["temperature"], params["alpha"], params["beta"]
-    s, t = _scaled(s, temperature), _scaled(t, temperature)
+def _dkd_rows_exact(s, t, y, alpha, beta, want_grad):
+    """TCKD, NCKD and their gradient (before ``T^2`` and ``T``) for already scaled logits, each distribution
+    renormalised by a logsumexp over its masked logits: exact however certain it is, at about twice the passes
+    over the logits of :func:`_dkd_kernel`'s shortcut."""
     target = y[:, None]
     # Exact renormalisation over the non-target classes: mask the target logit out of the softmax.
     s_nt = s.scatter(1, target, -math.inf)
@@ -488,20 +495,65 @@ def _dkd_kernel(s, t, y, aux, params, want_grad):
     )
     q_hat = log_hat_t.exp()
     nckd = _kl_rows(q_hat, log_hat_t, log_hat_s)
-    t2 = temperature * temperature
-    tckd, nckd = t2 * tckd, t2 * nckd
-    loss = alpha * tckd + beta * nckd
-    parts = torch.stack([tckd, nckd])
     if not want_grad:
-        return loss, parts, None
-    # dTCKD/ds: p_t - pT_t at the target, p^_j (pT_t - p_t) elsewhere; dNCKD/ds: p^_j - q^_j off the target.
+        return tckd, nckd, None
     pt_s = log_pt_s.exp()
     p_hat = log_hat_s.exp()
     grad = p_hat * (alpha * (pt_t - pt_s) + beta)[:, None] - beta * q_hat
     grad.scatter_(1, target, (alpha * (pt_s - pt_t))[:, None])
-    if temperature != 1.0:
+    return tckd, nckd, grad
+
+
+# Below this non-target mass a row's renormalisation is taken from its masked logsumexp (``_dkd_rows_exact``): the
+# sum of the non-target probabilities would lose the small ones to float32's underflow (e^-87), or all of them.
+_DKD_EXACT_BELOW = 1e-20
+
+
+def _dkd_kernel(s, t, y, aux, params, want_grad):
+    """DKD from one log-softmax of each side (docs/benchmarks.md, "DKD in fewer passes").
+
+    With ``rest = 1 - p_target`` summed from the non-target probabilities, ``log p^_j = log p_j - log rest``, so
+    ``NCKD = sum_{j != y} q_j (log q_j - log p_j) / rest_T - (log rest_T - log rest_S)`` and the renormalised
+    distributions are never formed: three logits-sized buffers instead of ten. Rows where either side's
+    non-target mass is too small to sum in floating point go through :func:`_dkd_rows_exact`.
+    """
+    temperature, alpha, beta = params["temperature"], params["alpha"], params["beta"]
+    s, t = _scaled(s, temperature), _scaled(t, temperature)
+    target = y[:, None]
+    log_p = torch.log_softmax(s, dim=-1).clamp_(min=_LOG_FLOOR)
+    log_q = torch.log_softmax(t, dim=-1)
+    log_pt_s, log_pt_t = log_p.gather(1, target)[:, 0], log_q.gather(1, target)[:, 0]
+    q = log_q.exp().scatter_(1, target, 0.0)  # the non-target teacher probabilities
+    rest_t = q.sum(-1)
+    # sum_{j != y} q_j (log q_j - log p_j) in log q's own buffer; the clamp keeps q_j = 0 from making 0 * inf.
+    kl_rest = torch.linalg.vecdot(q, log_q.sub_(log_p).clamp_(min=_LOG_FLOOR, max=-_LOG_FLOOR))
+    p = log_p.exp_().scatter_(1, target, 0.0)
+    rest_s = p.sum(-1)
+    log_rest_s, log_rest_t = rest_s.log(), rest_t.log()
+    pt_t = log_pt_t.exp()
+    tckd = torch.where(pt_t > 0, pt_t * (log_pt_t - log_pt_s), 0.0) + torch.where(
+        rest_t > 0, rest_t * (log_rest_t - log_rest_s), 0.0
+    )
+    nckd = kl_rest / rest_t - (log_rest_t - log_rest_s)
+    grad = None
+    if want_grad:
+        # dTCKD/ds: p_t - pT_t at the target, p^_j (pT_t - p_t) elsewhere; dNCKD/ds: p^_j - q^_j off the target.
+        pt_s = log_pt_s.exp()
+        grad = p.mul_(((alpha * (pt_t - pt_s) + beta) / rest_s)[:, None])
+        grad.addcmul_(q, (-beta / rest_t)[:, None])
+        grad.scatter_(1, target, (alpha * (pt_s - pt_t))[:, None])
+    tiny = (rest_s < _DKD_EXACT_BELOW) | (rest_t < _DKD_EXACT_BELOW)
+    if tiny.any():
+        rows = tiny.nonzero()[:, 0]
+        tckd[rows], nckd[rows], exact_grad = _dkd_rows_exact(s[rows], t[rows], y[rows], alpha, beta, want_grad)
+        if want_grad:
+            grad[rows] = exact_grad
+    t2 = temperature * temperature
+    tckd, nckd = t2 * tckd, t2 * nckd
+    loss = alpha * tckd + beta * nckd
+    if grad is not None and temperature != 1.0:
         grad.mul_(temperature)
-    return loss, parts, grad
+    return loss, torch.stack([tckd, nckd]), grad
 
 
 def _ce_kernel(s, t, y, aux, params, want_grad):
@@ -665,7 +717,7 @@ def _teacher_chunk(kernel, teacher, start, stop, compute_dtype):
     """The teacher's rows ``start:stop`` in the form ``kernel`` takes (dense, or top-k for a sparse kernel)."""
     if teacher is None or not getattr(kernel, "reads_teacher", True):
         return None
-    if isinstance(teacher, SparseTeacher) and getattr(kernel, "takes_sparse_teacher", False):
+    if isinstance(teacher, SparseTeacher) and getattr(kernel, "takes_sparse_teacher", False) and not teacher.is_whole:
         logprobs = teacher.logprobs[start:stop].to(compute_dtype)
         if teacher.residual is not None:
             residual = teacher.residual[start:stop].to(compute_dtype)
@@ -707,7 +759,7 @@ def _token_loss(
     aux_fn: Callable[[Tensor, Tensor, int], Tensor] | None = None,
 ) -> LossOutput:
     """Flatten, run ``kernel`` chunk by chunk through the autograd function, and reduce."""
-    if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student":
+    if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student" and not teacher_logits.is_whole:
         if not getattr(kernel, "takes_sparse_teacher", False):
             raise InvalidValueError(
                 "a SparseTeacher with tail='student' is defined for forward KL only (losses 'kd' with divergence "
@@ -802,7 +854,8 @@ def kd_loss(
         raise InvalidValueError(f"jsd_beta must be in [0, 1], got {jsd_beta!r}")
     params = {"temperature": float(temperature), "divergence": divergence, "jsd_beta": float(jsd_beta)}
     forward = divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0)
-    kernel = _sparse_forward_kl_kernel if forward and isinstance(teacher_logits, SparseTeacher) else _kd_kernel
+    sparse = isinstance(teacher_logits, SparseTeacher) and not teacher_logits.is_whole
+    kernel = _sparse_forward_kl_kernel if forward and sparse else _kd_kernel
     return _token_loss(
         kernel, ("kd",), student_logits, teacher_logits, labels, params,
         ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
@@ -1086,7 +1139,8 @@ def distillation_loss(
     options = {"temperature": temperature, "divergence": divergence, "jsd_beta": jsd_beta, "alpha": alpha,
                "beta": beta, "generator": generator}  # fmt: skip
     forward_kl = term is not None and term.forward_kl(options)
-    if isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail == "student" and kd_weight > 0:
+    sparse_tail = isinstance(teacher_logits, SparseTeacher) and not teacher_logits.is_whole
+    if sparse_tail and teacher_logits.tail == "student" and kd_weight > 0:
         if not forward_kl or temperature != 1.0:
             raise InvalidValueError(
                 f"a SparseTeacher with tail='student' is defined for forward KL only (losses 'kd' with divergence "

@@ -62,7 +62,11 @@ class TeacherCacheArguments:
 
     cache_top_k: int = field(
         default=64,
-        metadata={"help": "Teacher log-probabilities kept per token (the top k); the residual mass covers the rest."},
+        metadata={
+            "help": "Teacher log-probabilities kept per token (the top k); the residual mass covers the rest. 0 keeps "
+            "the whole vocabulary: the teacher exactly, up to cache_dtype's rounding, at 4 x vocabulary + 2 bytes "
+            "per token."
+        },
     )
     cache_format: str = field(
         default="topk",
@@ -104,8 +108,8 @@ class TeacherCacheArguments:
     )
 
     def __post_init__(self):
-        if self.cache_top_k < 1:
-            raise InvalidValueError(f"cache_top_k must be >= 1, got {self.cache_top_k}")
+        if self.cache_top_k < 0:
+            raise InvalidValueError(f"cache_top_k must be >= 1, or 0 for the whole vocabulary, got {self.cache_top_k}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise InvalidValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.cache_shard_tokens < 1:
@@ -337,8 +341,11 @@ def cache_teacher(
     if dtype not in CACHE_DTYPES:
         raise InvalidValueError(f"dtype must be one of {', '.join(CACHE_DTYPES)}, got {dtype!r}")
     vocab_size = _vocab_size(teacher)
-    if not 1 <= top_k <= vocab_size:
-        raise InvalidValueError(f"top_k must be in [1, {vocab_size}] (the teacher's vocabulary size), got {top_k}")
+    if not 0 <= top_k <= vocab_size:
+        raise InvalidValueError(
+            f"top_k must be in [1, {vocab_size}] (the teacher's vocabulary size), or 0 for all of it, got {top_k}"
+        )
+    top_k = top_k or vocab_size
     if shard_tokens < 1 or batch_size < 1:
         raise InvalidValueError(f"shard_tokens and batch_size must be >= 1, got {shard_tokens} and {batch_size}")
     if samples < 0 or (samples and not sample_temperature > 0):

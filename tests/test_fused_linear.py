@@ -91,7 +91,11 @@ def assert_same(fused, ref, heads, tol=TOL):
         torch.testing.assert_close(fused.parts[key], ref.parts[key], **tol)
         assert not fused.parts[key].requires_grad
     for got, want in zip(grads(fused.loss, heads), grads(ref.loss, heads), strict=True):
-        torch.testing.assert_close(got, want, **tol)
+        # A gradient element sums tokens' terms as large as the largest element, in a different order on each path
+        # (block by block, and the terms' weights applied before or after the product): a few units in the last
+        # place of the largest element, not of the element itself.
+        summation = 4 * torch.finfo(want.dtype).eps * want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=max(tol["atol"], summation))
 
 
 def with_generators(name, options):

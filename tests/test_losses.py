@@ -374,6 +374,28 @@ def test_certain_teacher_and_two_classes_are_finite():
     assert torch.autograd.gradcheck(lambda x: dkd_loss(x, certain, y, reduction="none").loss, (s,))
 
 
+def test_dkd_stays_exact_where_the_non_target_mass_underflows_float32():
+    # A target logit 95-110 above the rest leaves non-target probabilities of e^-95..e^-110: subnormal or zero in
+    # float32, so their sum cannot renormalise them; those rows take the masked-logsumexp path.
+    g = torch.Generator().manual_seed(5)
+    n, v = 8, 50
+    s64 = 2 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    t64 = 2 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n,), generator=g)
+    rows = torch.arange(n)
+    t64[rows[:3], y[:3]] += torch.tensor([95.0, 110.0, 200.0], dtype=torch.float64)  # a near-certain teacher
+    s64[rows[2:5], y[2:5]] += torch.tensor([110.0, 95.0, 120.0], dtype=torch.float64)  # a near-certain student
+    want = dkd_loss(s64.requires_grad_(), t64, y, alpha=0.7, beta=3.0, temperature=1.0, reduction="none")
+    s32 = s64.detach().float().requires_grad_()
+    got = dkd_loss(s32, t64.float(), y, alpha=0.7, beta=3.0, temperature=1.0, reduction="none")
+    # float32 logits near 100 carry an absolute rounding of 4e-6 (half a unit in the last place), which moves
+    # the log-probabilities, and with them each term, by as much.
+    for key in ("tckd", "nckd"):
+        torch.testing.assert_close(got.parts[key].double(), want.parts[key].detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_of(got.loss.sum(), s32).double(), grad_of(want.loss.sum(), s64),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
 def test_masked_vocabulary_entries_are_finite():
     s, t, y = make_inputs(ignore_every=0)
     t = t.clone()

@@ -36,9 +36,10 @@ class RecordLosses(TrainerCallback):
             self.logs.append(logs)
 
 
-def train(pipeline, tmp_path, name, *, teacher=None, teacher_cache=None):
+def train(pipeline, tmp_path, name, *, teacher=None, teacher_cache=None, loss="kd"):
     _, _, args = parse_command_line("distill", [
-        "--output_dir", str(tmp_path / name), "--loss", "kd", "--ce_weight", "0.5", "--kd_weight", "0.5",
+        "--output_dir", str(tmp_path / name), "--loss", loss, "--temperature", "1",
+        "--ce_weight", "0.5", "--kd_weight", "0.5",
         "--max_steps", "6", "--per_device_train_batch_size", "16", "--logging_steps", "1", "--learning_rate", "0.003",
         "--optim", "adamw_torch", "--lr_scheduler_type", "constant", "--report_to", "none", "--disable_tqdm", "true",
         "--use_cpu", "true", "--save_strategy", "no", "--seed", "0", "--teacher_cache", teacher_cache or "",
@@ -55,17 +56,19 @@ def train(pipeline, tmp_path, name, *, teacher=None, teacher_cache=None):
     return student, record.logs
 
 
-def test_a_full_cache_reproduces_online_word_kd_step_by_step(pieces, tmp_path):
+@pytest.mark.parametrize("loss", ["kd", "dkd"])
+def test_a_full_cache_reproduces_online_word_level_distillation_step_by_step(pieces, tmp_path, loss):
     pipeline, teacher = pieces
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    manifest = cache_teacher(teacher, pipeline.train_dataset, str(tmp_path / "cache"), top_k=vocab, dtype="float32",
+    # top_k=0: the whole vocabulary, whatever its size.
+    manifest = cache_teacher(teacher, pipeline.train_dataset, str(tmp_path / "cache"), top_k=0, dtype="float32",
                              tokenizer=pipeline.tokenizer, shard_tokens=300, batch_size=8, show_progress=False)  # fmt: skip
-    assert manifest["layout"]["kind"] == "pairs" and manifest["num_shards"] > 1
-    online_student, online = train(pipeline, tmp_path, "online", teacher=teacher)
-    cached_student, cached = train(pipeline, tmp_path, "cached", teacher_cache=str(tmp_path / "cache"))
+    assert manifest["layout"]["kind"] == "pairs" and manifest["num_shards"] > 1 and manifest["top_k"] == vocab
+    online_student, online = train(pipeline, tmp_path, "online", teacher=teacher, loss=loss)
+    cached_student, cached = train(pipeline, tmp_path, "cached", teacher_cache=str(tmp_path / "cache"), loss=loss)
     assert len(online) == len(cached) == 6
     for a, b in zip(online, cached):
-        for key in ("loss", "loss_ce", "loss_kd"):
+        for key in ("loss", "loss_ce", f"loss_{loss}"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (key, a, b)
     for (name, p), q in zip(online_student.named_parameters(), cached_student.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

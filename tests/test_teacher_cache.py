@@ -263,8 +263,9 @@ def test_bad_cache_arguments_are_refused(corpus, tmp_path):
     tokenizer, _, ids = corpus
     train = StreamBatches(ids[:800], 4, 8)
     teacher = lstm(tokenizer, seed=1)
-    with pytest.raises(ValueError, match=r"top_k must be in \[1, "):
-        cache_teacher(teacher, train, str(tmp_path / "c"), top_k=0, show_progress=False)
+    refused = r"top_k must be in \[1, 15\] \(the teacher.s vocabulary size\), or 0 for all of it, got -1"
+    with pytest.raises(ValueError, match=refused):
+        cache_teacher(teacher, train, str(tmp_path / "c"), top_k=-1, show_progress=False)
     with pytest.raises(ValueError, match="dtype must be one of"):
         cache_teacher(teacher, train, str(tmp_path / "c"), top_k=2, dtype="int8", show_progress=False)
     pairs = __import__("datasets").Dataset.from_dict({"input_ids": [[1, 2]], "attention_mask": [[1, 1]]})
