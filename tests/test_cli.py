@@ -127,7 +127,7 @@ def test_the_cache_pair_recipe_is_the_converged_grids_live_word_kd_row_plus_a_ca
     assert pair["teachers"] == {"ce": grid["teachers"]["ce"]}
     assert pair["students"] == {"transformer-2x2-128": grid["students"]["transformer-2x2-128"]}
     assert pair["losses"] == {"word-kd": grid["losses"]["word-kd"]}
-    assert pair["teacher_cache"] == {"cache_top_k": 64} and grid["teacher_cache"] == {"cache_top_k": 0}
+    assert pair["teacher_cache"] == {"cache_top_k": 64} and grid["teacher_cache"]["cache_top_k"] == 0
 
 
 def test_the_ls_seeds_recipe_is_the_converged_grids_dkd_cells_with_two_more_seeds():
