@@ -520,9 +520,11 @@ def _dkd_kernel(s, t, y, aux, params, want_grad):
     temperature, alpha, beta = params["temperature"], params["alpha"], params["beta"]
     s, t = _scaled(s, temperature), _scaled(t, temperature)
     target = y[:, None]
-    log_p = torch.log_softmax(s, dim=-1).clamp_(min=_LOG_FLOOR)
+    log_p = torch.log_softmax(s, dim=-1)
     log_q = torch.log_softmax(t, dim=-1)
+    # Read before the floor: a student with no mass on the target has an infinite TCKD, as the exact path gives.
     log_pt_s, log_pt_t = log_p.gather(1, target)[:, 0], log_q.gather(1, target)[:, 0]
+    log_p.clamp_(min=_LOG_FLOOR)
     q = log_q.exp().scatter_(1, target, 0.0)  # the non-target teacher probabilities
     rest_t = q.sum(-1)
     # sum_{j != y} q_j (log q_j - log p_j) in log q's own buffer; the clamp keeps q_j = 0 from making 0 * inf.

@@ -64,8 +64,8 @@ class TeacherCacheArguments:
         default=64,
         metadata={
             "help": "Teacher log-probabilities kept per token (the top k); the residual mass covers the rest. 0 keeps "
-            "the whole vocabulary: the teacher exactly, up to cache_dtype's rounding, at 4 x vocabulary + 2 bytes "
-            "per token."
+            "the whole vocabulary: the teacher exactly, up to cache_dtype's rounding (4 x vocabulary + 2 bytes per "
+            "token in float16)."
         },
     )
     cache_format: str = field(

@@ -118,7 +118,7 @@ def test_shipped_recipes_parse(name, tmp_path):
         parse_command_line("distill-data", [teachers[0], *grid._argv(fields), "--output_dir", str(tmp_path), "--use_cpu", "true"])
 
 
-def test_the_cache_pair_recipe_is_the_converged_grids_live_word_kd_row_plus_a_cache():
+def test_the_cache_pair_recipe_is_the_converged_grids_word_kd_row_with_a_top_64_cache():
     # docs/results.md prices the cache by this recipe's run against the converged grid's live row: same fields.
     pair = yaml.safe_load((REPO / "recipes" / "word_kd_cache_pair_multi30k.yaml").read_text())
     grid = yaml.safe_load((REPO / "recipes" / "students_multi30k_converged.yaml").read_text())

@@ -84,18 +84,16 @@ def grads(loss, heads):
     return torch.autograd.grad(loss, student_inputs(heads))
 
 
-def assert_same(fused, ref, heads, tol=TOL):
+def assert_same(fused, ref, heads, tol=TOL, grad_scale=1.0):
+    """``grad_scale``: how many times larger than a mean's the gradients' terms are (a sum over tokens), which
+    scales the absolute rounding of both paths' gradients alike."""
     assert set(fused.parts) == set(ref.parts)
     torch.testing.assert_close(fused.loss, ref.loss, **tol)
     for key in ref.parts:
         torch.testing.assert_close(fused.parts[key], ref.parts[key], **tol)
         assert not fused.parts[key].requires_grad
     for got, want in zip(grads(fused.loss, heads), grads(ref.loss, heads), strict=True):
-        # A gradient element sums tokens' terms as large as the largest element, in a different order on each path
-        # (block by block, and the terms' weights applied before or after the product): a few units in the last
-        # place of the largest element, not of the element itself.
-        summation = 4 * torch.finfo(want.dtype).eps * want.abs().max().item()
-        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=max(tol["atol"], summation))
+        torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * grad_scale)
 
 
 def with_generators(name, options):
@@ -159,7 +157,10 @@ def test_reductions_equal_the_logits_path(name, reduction):
     options = dict(reduction, chunk_size=CHUNK, temperature=2.0)
     fused = fused_path(name, heads, labels, **with_generators(name, options))
     ref = logits_path(name, heads, labels, **with_generators(name, options))
-    assert_same(fused, ref, heads)
+    # A sum over the tokens makes every gradient term (and its rounding) as many times a mean's; for DKD at T = 2,
+    # beta = 8, the two paths then differ by up to 6.7e-6 (summation order) where the mean's differ by under 1e-6.
+    counted = int((labels != IGNORE).sum())
+    assert_same(fused, ref, heads, grad_scale=counted if reduction.get("reduction") == "sum" else 1.0)
 
 
 def sparse_teacher(heads, k, tail="uniform"):

@@ -396,6 +396,14 @@ def test_dkd_stays_exact_where_the_non_target_mass_underflows_float32():
                                rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+def test_dkd_is_infinite_where_the_student_gives_the_target_no_mass():
+    s, t, y = make_inputs(n=4, ignore_every=0)
+    s = s.detach().clone()
+    s[0, y[0]] = -math.inf
+    out = dkd_loss(s, t, y, temperature=1.0, reduction="none")
+    assert out.parts["tckd"][0] == math.inf and torch.isfinite(out.loss[1:]).all()
+
+
 def test_masked_vocabulary_entries_are_finite():
     s, t, y = make_inputs(ignore_every=0)
     t = t.clone()

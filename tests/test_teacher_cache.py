@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import seqkd.teacher_cache as teacher_cache_module
 from seqkd.data.text import StreamBatches, encode_stream, group_texts, train_word_tokenizer
 from seqkd.models import LSTMForCausalLM, LSTMLMConfig, build_causal_lm
-from seqkd.teacher_cache import TeacherCache, cache_teacher, id_dtype_for
+from seqkd.teacher_cache import TeacherCacheArguments, TeacherCache, cache_teacher, id_dtype_for
 from seqkd.trainer import DistillationArguments, DistillationTrainer
 from transformers import default_data_collator
 
@@ -264,6 +264,8 @@ def test_bad_cache_arguments_are_refused(corpus, tmp_path):
     train = StreamBatches(ids[:800], 4, 8)
     teacher = lstm(tokenizer, seed=1)
     refused = r"top_k must be in \[1, 15\] \(the teacher.s vocabulary size\), or 0 for all of it, got -1"
+    with pytest.raises(ValueError, match=r"cache_top_k must be >= 1, or 0 for the whole vocabulary, got -1"):
+        TeacherCacheArguments(cache_top_k=-1)
     with pytest.raises(ValueError, match=refused):
         cache_teacher(teacher, train, str(tmp_path / "c"), top_k=-1, show_progress=False)
     with pytest.raises(ValueError, match="dtype must be one of"):
