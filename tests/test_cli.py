@@ -119,7 +119,8 @@ def test_shipped_recipes_parse(name, tmp_path):
 
 
 def test_the_cache_pair_recipe_is_the_converged_grids_word_kd_row_with_a_top_64_cache():
-    # docs/results.md prices the cache by this recipe's run against the converged grid's live row: same fields.
+    # docs/results.md prices a top-64 cache by this recipe's run against the converged grid's word-KD row (live when
+    # the pair ran; the grid now reads a whole-vocabulary cache): the same fields otherwise.
     pair = yaml.safe_load((REPO / "recipes" / "word_kd_cache_pair_multi30k.yaml").read_text())
     grid = yaml.safe_load((REPO / "recipes" / "students_multi30k_converged.yaml").read_text())
     for key in ("training", "eval_num_beams"):
