@@ -11,7 +11,8 @@ reads it), or both. ``teacher_cache`` (fields of ``seqkd cache-teacher``, e.g. `
 word-level students on gold targets read a cache of their teacher, written once per teacher, instead of running it
 at every step. ``eval_num_beams`` adds test BLEU, chrF and decoding speed (sentences/s, each student against its
 teacher) with those beams. OUTPUT/results.md, OUTPUT/rows.json, OUTPUT/bleu.png and OUTPUT/validation.png (every
-run's validation curve) are rewritten after every finished run. Fields after the recipe override every run. A
+run's validation curve) are rewritten after every finished run, whole or not at all, and list every finished run
+that an earlier call listed too. Fields after the recipe override every run. A
 restarted grid skips finished runs and resumes unfinished ones from their last checkpoint (and an interrupted
 distilled corpus from its last whole shard). ``seeds`` (a list) trains every student once per seed: the
 run with the recipe's own seed keeps its plain folder name (so runs made before seeds were listed count), the others
@@ -34,6 +35,7 @@ from typing import NamedTuple
 import yaml
 
 from seqkd.cli import command_cache_teacher, command_distill_data, command_evaluate, command_train, parse_command_line
+from seqkd.files import save_figure_atomically, write_json_atomically, write_text_atomically
 from seqkd.sequence_kd import MANIFEST_FILE
 from seqkd.trainer import eval_curve, format_curve
 
@@ -126,9 +128,7 @@ def _beam_metrics(run_dir: str, recipe: str, overrides: list[str], num_beams: in
             [recipe, *overrides, "--model_name_or_path", os.path.join(run_dir, "model"), "--split", "test",
              "--generation_num_beams", str(num_beams), "--output_dir", os.path.join(run_dir, "eval")]
         )  # fmt: skip
-        with open(path + ".partial", "w") as f:
-            json.dump({key: evaluated[key] for key in ("bleu", "chrf", "decode_seconds", "sentences_per_second")}, f, indent=2)
-        os.replace(path + ".partial", path)
+        write_json_atomically(path, {key: evaluated[key] for key in ("bleu", "chrf", "decode_seconds", "sentences_per_second")})
     with open(path) as f:
         scores = json.load(f)
     # Files kept from before decoding was timed have no speed: the tables show '-' rather than decode again.
@@ -168,10 +168,23 @@ def _teacher_cache(output: str, teacher: str, recipe: str, teacher_model: str, f
         summary = command_cache_teacher([recipe, *_argv(fields), *overrides, "--teacher_model_name_or_path",
                                          teacher_model, "--teacher_cache", cache_dir])  # fmt: skip
         summary["write_seconds"] = round(time.perf_counter() - started, 1)
-        with open(summary_path + ".partial", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(summary_path + ".partial", summary_path)
+        write_json_atomically(summary_path, summary)
     return _cache_row(output, teacher)
+
+
+def _row_key(row: dict) -> tuple[str, str]:
+    return row["role"], row.get("run") or row["dir"]
+
+
+def _listed_rows(output: str) -> list[dict]:
+    """The rows of OUTPUT/rows.json whose runs (finished), caches or corpora are still in OUTPUT."""
+    path = os.path.join(output, "rows.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = json.load(f)
+    return [r for r in rows if (_metrics(os.path.join(output, r["run"])) is not None if "run" in r
+                                else os.path.isdir(os.path.join(output, r["dir"])))]
 
 
 def _cache_row(output: str, teacher: str) -> dict:
@@ -197,6 +210,13 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
     # The data fields (corpus, languages, tokenization) of every student are the first teacher's.
     base_recipe = next(iter(teacher_recipes.values()))
     rows = []
+    # Finished runs listed by an earlier call stay in the tables until this call reaches them, so that a grid stopped
+    # part-way, or run piece by piece with --only, never lists fewer finished runs than it did.
+    listed_before = _listed_rows(output)
+
+    def write_so_far() -> None:
+        reached = {_row_key(r) for r in rows}
+        write_results(rows + [r for r in listed_before if _row_key(r) not in reached], output, quiet=True)
 
     def scored(run_dir: str, recipe: str) -> dict:
         extra = {}
@@ -270,7 +290,7 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
             rows.append({"role": "student", "name": student, "loss": loss_name, "teacher": teacher or "", "data": data,
                          "seed": seed, "teacher_cache": cached, "run": os.path.basename(run_dir),
                          **scored(run_dir, base_recipe)})  # fmt: skip
-            write_results(rows, output, quiet=True)
+            write_so_far()
 
     train_students(None, None)
     for name, teacher_recipe in teacher_recipes.items():
@@ -288,13 +308,12 @@ def run_grid(recipe_path: str, overrides: list[str], output_dir: str | None = No
                 [teacher_recipe, *overrides, "--model_name_or_path", os.path.join(run_dir, "model"),
                  "--split", "validation", "--stability", "true", "--output_dir", os.path.join(run_dir, "eval")]
             )  # fmt: skip
-            with open(stability_path, "w") as f:
-                json.dump(evaluated, f, indent=2)
+            write_json_atomically(stability_path, evaluated)
         with open(stability_path) as f:
             stability = json.load(f)["stability"]
         rows.append({"role": "teacher", "name": name, "loss": name, "teacher": "", "run": os.path.basename(run_dir),
                      **scored(run_dir, teacher_recipe), "stability": stability})  # fmt: skip
-        write_results(rows, output, quiet=True)
+        write_so_far()
         train_students(name, os.path.join(run_dir, "model"))
     write_results(rows, output)
     return rows
@@ -371,10 +390,8 @@ def write_results(rows: list[dict], output: str, quiet: bool = False) -> None:
     lines += _teacher_comparison(teachers, students)
     lines += _validation_curves(teachers + students)
     os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(output, "rows.json"), "w") as f:  # what scripts/paired_bleu.py compares
-        json.dump(rows, f, indent=2)
+    write_text_atomically(os.path.join(output, "results.md"), "\n".join(lines) + "\n")
+    write_json_atomically(os.path.join(output, "rows.json"), rows)  # what scripts/paired_bleu.py compares
     _plot(teachers, students, output)
     _plot_validation(teachers, students, output)
     if not quiet:
@@ -514,7 +531,7 @@ def _plot_validation(teachers: list[dict], students: list[dict], output: str) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(output, "validation.png"), dpi=120)
+    save_figure_atomically(fig, os.path.join(output, "validation.png"), dpi=120)
     plt.close(fig)
 
 
@@ -540,7 +557,7 @@ def _plot(teachers: list[dict], students: list[dict], output: str) -> None:
     ax.set_title("Teachers and distilled students (colour: the student's teacher)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(output, "bleu.png"), dpi=120)
+    save_figure_atomically(fig, os.path.join(output, "bleu.png"), dpi=120)
     plt.close(fig)
 
 

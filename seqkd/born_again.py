@@ -35,6 +35,7 @@ from seqkd.trainer import (
     save_model_atomically,
 )
 from seqkd.errors import InvalidValueError
+from seqkd.files import save_figure_atomically, write_json_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def _check_run_config(output_dir: str, config: dict, should_save: bool) -> None:
             )
         return
     if should_save:
-        _write_json_atomically(path, config)
+        write_json_atomically(path, config)
 
 
 def _has_progress(output_dir: str) -> bool:
@@ -166,12 +167,6 @@ def _has_progress(output_dir: str) -> bool:
             if any(entry == MODEL_DIR or entry.startswith("checkpoint-") for entry in os.listdir(gen_dir)):
                 return True
     return False
-
-
-def _write_json_atomically(path: str, data: dict) -> None:
-    with open(path + ".partial", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".partial", path)
 
 
 def run_born_again(
@@ -273,7 +268,7 @@ def run_born_again(
             metrics[f"{split}_loss"] = split_metrics[f"{split}_loss"]
         save_model_atomically(trainer, model_dir)
         if trainer.args.should_save:
-            _write_json_atomically(metrics_path, metrics)
+            write_json_atomically(metrics_path, metrics)
         trainer.accelerator.wait_for_everyone()
         results.append(metrics)
         teacher = trainer.accelerator.unwrap_model(trainer.model)
@@ -334,8 +329,7 @@ def write_results(results: list[dict], output_dir: str, splits: list[str]) -> No
         lines += ["", f"## {splits[0].capitalize()} perplexity by epoch, while training (best in bold)", ""]
         for generation, points in curves:
             lines.append(f"- generation {generation}: {format_curve([v for _, v in points], min, '.1f')}")
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text_atomically(os.path.join(output_dir, "results.md"), "\n".join(lines) + "\n")
     _plot(results, output_dir, splits)
 
 
@@ -376,5 +370,5 @@ def _plot(results: list[dict], output_dir: str, splits: list[str]) -> None:
         by_epoch.grid(alpha=0.3)
         by_epoch.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "perplexity.png"), dpi=120)
+    save_figure_atomically(fig, os.path.join(output_dir, "perplexity.png"), dpi=120)
     plt.close(fig)

@@ -31,6 +31,7 @@ import torch
 from transformers import LogitsProcessor
 
 from seqkd.errors import InvalidValueError, MissingInputError
+from seqkd.files import write_json_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -319,14 +320,7 @@ def _text_sha256(lines: list[str]) -> str:
 
 
 def _write_lines_atomically(path: str, lines: list[str]) -> None:
-    try:
-        with open(path + ".partial", "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-    except BaseException:
-        if os.path.exists(path + ".partial"):
-            os.remove(path + ".partial")
-        raise
-    os.replace(path + ".partial", path)
+    write_text_atomically(path, "".join(line + "\n" for line in lines))
 
 
 def _one_line(text: str) -> str:
@@ -425,7 +419,7 @@ def write_distilled_data(
     from tqdm.auto import tqdm
 
     from seqkd.evaluation import translate_n_best
-    from seqkd.teacher_cache import _file_sha256, _whole_shards, _write_json_atomically, model_fingerprint, tokenizer_fingerprint
+    from seqkd.teacher_cache import _file_sha256, _whole_shards, model_fingerprint, tokenizer_fingerprint
 
     config = getattr(teacher, "config", None)
     translation = bool(getattr(config, "is_encoder_decoder", False))
@@ -517,7 +511,7 @@ def write_distilled_data(
     for name in os.listdir(os.path.join(output_dir, SHARD_DIR)):
         if name.endswith(".partial"):
             os.remove(os.path.join(output_dir, SHARD_DIR, name))
-    _write_json_atomically(manifest_path, manifest)
+    write_json_atomically(manifest_path, manifest)
 
     started, decoded = time.perf_counter(), 0
     done = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
@@ -553,7 +547,7 @@ def write_distilled_data(
         manifest["shards"].append(
             {"file": name, "start": start, "stop": stop, "bytes": os.path.getsize(path), "sha256": _file_sha256(path)}
         )
-        _write_json_atomically(manifest_path, manifest)
+        write_json_atomically(manifest_path, manifest)
         decoded += stop - start
         progress.update(stop - start)
     progress.close()
@@ -602,7 +596,7 @@ def write_distilled_data(
                                 "sentences_per_second": round(decoded / elapsed, 2) if elapsed > 0 else None}  # fmt: skip
     else:
         manifest["decoding"] = previous_decoding
-    _write_json_atomically(manifest_path, manifest)
+    write_json_atomically(manifest_path, manifest)
     return manifest
 
 

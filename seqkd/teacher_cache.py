@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from seqkd.errors import InvalidValueError, MissingInputError
+from seqkd.files import write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +233,6 @@ def _blocks(dataset) -> torch.Tensor | None:
 # Writing.
 
 
-def _write_json_atomically(path: str, data: dict) -> None:
-    with open(path + ".partial", "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".partial", path)
-
-
 def _file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -423,7 +416,7 @@ def cache_teacher(
             os.remove(os.path.join(output_dir, name))
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
-    _write_json_atomically(manifest_path, manifest)
+    write_json_atomically(manifest_path, manifest)
 
     id_dtype, value_dtype = id_dtype_for(vocab_size), CACHE_DTYPES[dtype]
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
@@ -520,12 +513,12 @@ def cache_teacher(
                 {"file": name, "start": start, "stop": stop, "bytes": os.path.getsize(path), "sha256": _file_sha256(path)}
             )
             manifest["complete"] = len(manifest["shards"]) == num_shards
-            _write_json_atomically(manifest_path, manifest)
+            write_json_atomically(manifest_path, manifest)
     progress.close()
     teacher.train(was_training)
     if not manifest["complete"]:  # a cache with no positions at all
         manifest["complete"] = True
-        _write_json_atomically(manifest_path, manifest)
+        write_json_atomically(manifest_path, manifest)
     return manifest
 
 

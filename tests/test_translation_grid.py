@@ -1,5 +1,6 @@
 """scripts/translation_grid.py: two teachers, a student by CE and by KD from each, results table and plot."""
 
+import shutil
 import statistics
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_sequence_level_grid_decodes_each_teachers_data_once_and_scores_beams(re
     assert (out / "data-seq-kd-from-ls" / "distill_manifest.json").stat().st_mtime_ns == stamp
 
 
-def test_only_trains_the_matching_runs_and_the_teachers_they_need(recipe, tmp_path):  # noqa: F811
+def test_only_trains_the_matching_runs_and_the_teachers_they_need(recipe, tmp_path, monkeypatch):  # noqa: F811
     teacher = yaml.safe_load(recipe.read_text())
     for name in ("ce", "ls"):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**teacher, "num_train_epochs": 1}))
@@ -174,8 +175,21 @@ def test_only_trains_the_matching_runs_and_the_teachers_they_need(recipe, tmp_pa
     rows = module.run_grid(str(grid), [], str(out), only=["tiny-ce"])
     # finished runs are listed whether or not they match
     assert [r["run"] for r in rows] == ["tiny-ce", "teacher-ls", "tiny-kd-from-ls"] and not finished("teacher-ce")
+    # Until a call reaches a finished run, its tables keep the row an earlier call listed (a run removed since is
+    # dropped), so that a grid stopped part-way never lists fewer finished runs than before.
+    shutil.rmtree(out / "tiny-kd-from-ls")
+    written, write_results = [], module.write_results
+
+    def recording_write_results(rows, output, quiet=False):
+        written.append([r["run"] for r in rows])
+        write_results(rows, output, quiet)
+
+    monkeypatch.setattr(module, "write_results", recording_write_results)
     module.run_grid(str(grid), [], str(out), only=["teacher-*"])  # a teacher may be selected alone
     assert finished("teacher-ce") and not finished("tiny-kd-from-ce")
+    assert written[0] == ["tiny-ce", "teacher-ls"]  # before this call reached teacher-ls
+    assert written[-1] == ["tiny-ce", "teacher-ce", "teacher-ls"]
+    assert all({"tiny-ce", "teacher-ls"} <= set(runs) and "tiny-kd-from-ls" not in runs for runs in written)
 
 
 def test_grid_refuses_a_loss_on_undefined_data(tmp_path):
